@@ -1,0 +1,209 @@
+"""Rollout engine on plain Hugging Face transformers: the fallback when vLLM is not installed.
+
+Sampling is `model.generate` on left-padded batches. The behaviour log-prob of a sampled token is
+log_softmax(logits / temperature) at that token, over the whole vocabulary: top-p decides which tokens can be
+drawn but is not renormalised into the reported number (base.py). With top_p = 1 this is exactly the
+distribution sampled from; with top_p < 1 the reported value is lower by log(kept probability mass).
+Greedy decoding (temperature 0) reports log_softmax(logits), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        device: str | None = None,
+        max_batch_sequences: int = 64,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError(f"{model_path}: neither generation_config.json nor the tokenizer names an EOS token")
+        self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
+        # Only what base.SamplingSettings asks for may shape the distribution: a model's own generation defaults
+        # (top_k=50, repetition_penalty, ...) would make the sampled distribution differ from the reported one.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=sorted(self.eos_token_ids), pad_token_id=self.pad_token_id
+        )
+        self.max_batch_sequences = max_batch_sequences
+        self._call_seeds = random.Random(seed)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts_token_ids: list[list[int]], n: int, sampling: SamplingSettings
+    ) -> list[list[Completion]]:
+        _check_request(prompts_token_ids, n)
+        if not prompts_token_ids:
+            return []
+        seed = sampling.seed if sampling.seed is not None else self._call_seeds.randrange(2**31)
+        sequences = [prompt for prompt in prompts_token_ids for _ in range(n)]  # prompt-major, n each
+        completions: list[Completion] = []
+        # A private RNG stream: seeding here must not reseed the caller's (e.g. the learner's) global generator.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(sequences), self.max_batch_sequences):
+                completions += self._generate_batch(sequences[start : start + self.max_batch_sequences], sampling)
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts_token_ids))]
+
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        greedy = sampling.temperature == 0
+        recorder = _SampledLogprobs(1.0 if greedy else sampling.temperature)
+        processors = LogitsProcessorList([recorder])
+        if not greedy and sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+        # Temperature and top-p are applied by the processors above (temperature=1, top_p=1, top_k=0 here), so the
+        # recorder sees the raw logits and generate adds no warpers of its own.
+        sampling_flags = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        if greedy:
+            sampling_flags = {"do_sample": False}
+        config = GenerationConfig(
+            **sampling_flags,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=sorted(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+            stop_strings=list(sampling.stop) or None,
+            return_dict_in_generate=True,
+        )
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=config,
+            logits_processor=processors,
+            tokenizer=self.tokenizer if sampling.stop else None,
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        logprobs = recorder.finish(out.sequences[:, -1]).cpu()
+        return [
+            self._completion(new_tokens[row].tolist(), logprobs[row].tolist(), sampling) for row in range(len(prompts))
+        ]
+
+    def _completion(self, tokens: list[int], logprobs: list[float], sampling: SamplingSettings) -> Completion:
+        # After a sequence finishes, generate fills its row with pad tokens, and pad is often the EOS itself:
+        # the first EOS ends the response (kept, as vLLM keeps it), a stop string ends it just before that.
+        end = next((t + 1 for t, token in enumerate(tokens) if token in self.eos_token_ids), None)
+        finish = "stop" if end is not None else "length"
+        end = end if end is not None else len(tokens)
+        stop_end = self._stop_string_end(tokens[: end - 1] if finish == "stop" else tokens, sampling.stop)
+        if stop_end is not None:
+            end, finish = stop_end, "stop"
+        tokens, logprobs = tokens[:end], logprobs[:end]
+        return Completion(
+            token_ids=tokens,
+            logprobs=logprobs,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            finish_reason=finish,
+        )
+
+    def _stop_string_end(self, tokens: list[int], stops: tuple[str, ...]) -> int | None:
+        """Number of tokens up to and including the one that completes the first stop string, if any."""
+        if not stops:
+            return None
+        text = self.tokenizer.decode(tokens)
+        hits = [text.find(stop) + len(stop) for stop in stops if stop in text]
+        if not hits:
+            return None
+        first_end = min(hits)
+        low, high = 1, len(tokens)  # smallest prefix whose text reaches the end of the stop string
+        while low < high:
+            mid = (low + high) // 2
+            if len(self.tokenizer.decode(tokens[:mid])) >= first_end:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    def load_weights(self, weights_dir: str) -> None:
+        """Copy `weights_dir/*.safetensors` (names as in model.state_dict()) into the live model, in place."""
+        files = sorted(Path(weights_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors file in {weights_dir}: expected model.safetensors")
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        params = self.model.state_dict()
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"{weights_dir} holds tensors this model does not have: {unknown[:5]}")
+        # With tied embeddings lm_head.weight *is* embed_tokens.weight, so a checkpoint may leave it out.
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        missing = sorted(set(params) - set(state) - tied)
+        if missing:
+            raise KeyError(f"{weights_dir} lacks tensors of this model: {missing[:5]} ({len(missing)} in all)")
+        for name, tensor in state.items():  # check everything before copying anything: no half-loaded model
+            if params[name].shape != tensor.shape:
+                expected = tuple(params[name].shape)
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} in {weights_dir}, the model's is {expected}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records log_softmax(logits / T) of each sampled token without keeping a (batch, steps, vocab) tensor.
+
+    generate calls processors before sampling step t; the token sampled at step t shows up as the last column of
+    input_ids at step t + 1, so each call gathers the previous step's log-probs. `finish` gathers the last step.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.gathered: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self._gather(input_ids[:, -1])
+        scaled = scores / self.temperature
+        self.previous = torch.log_softmax(scaled.float(), dim=-1)
+        return scaled
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        self.gathered.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self._gather(last_tokens)
+        return torch.stack(self.gathered, dim=1)
+
+
+def _check_request(prompts_token_ids: list[list[int]], n: int) -> None:
+    if n < 1:
+        raise ValueError(f"n = {n}: ask for at least one sample per prompt")
+    for i, prompt in enumerate(prompts_token_ids):
+        if not prompt:
+            raise ValueError(f"prompt {i} has no tokens: every prompt needs at least one token")

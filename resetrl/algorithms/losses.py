@@ -1,0 +1,137 @@
+"""Policy losses and the KL penalty: pure functions on tensors (no Ray, Redis or DeepSpeed).
+
+Alignment: every per-token tensor here is "next-token aligned" with shape [B, T-1]: position t holds the value for
+token t+1, the token predicted from tokens 0..t. `token_logprobs(logits, token_ids)` produces that layout from a
+model's [B, T, V] logits, and learner/batching.py lays out loss masks, advantages and behaviour log-probs the same.
+
+Aggregation (how per-token losses become one scalar), chosen by AlgorithmConfig.loss_aggregation:
+- "token_mean": sum over all trained tokens / number of trained tokens (GRPO as in DAPO, arXiv 2503.14476, eq. 8:
+  every token weighs the same, so long responses are not down-weighted).
+- "seq_mean_token_sum": Dr.GRPO (arXiv 2503.20783, section 3.2): per sequence, sum over its trained tokens divided
+  by a constant `norm_length` (the generation budget, rollout.max_new_tokens), then the mean over sequences. The
+  constant removes GRPO's 1/|o_i| length bias without making the loss scale with the batch's longest answer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_sum")
+
+# exp() of a log-ratio beyond this overflows float32 gradients to inf/NaN even where the loss clips it away;
+# the same guard as verl's core_algos (clamp of the log-ratio to [-20, 20]).
+_MAX_LOG_RATIO = 20.0
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """log softmax(logits / T) of each next token: out[b, t] = log p(token_ids[b, t+1] | token_ids[b, :t+1]).
+
+    logits [B, T, V], token_ids [B, T] -> [B, T-1] float32. temperature is a float or a [B] tensor (one per
+    sequence: the temperature the rollout engine sampled with, so the ratio compares the same distributions).
+    """
+    logits = logits[:, :-1].float()
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(device=logits.device, dtype=logits.dtype).view(-1, 1, 1)
+    logits = logits / temperature
+    targets = token_ids[:, 1:].long().unsqueeze(-1)
+    # gather - logsumexp == log_softmax(...).gather(...) without materialising a second [B, T, V] tensor.
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def aggregate(per_token: Tensor, loss_mask: Tensor, aggregation: str = "token_mean",
+              norm_length: int | None = None) -> Tensor:
+    """Reduce a [B, T] per-token loss over the tokens where loss_mask is set (see the module docstring)."""
+    mask = loss_mask > 0
+    # where(), not multiplication: a NaN or inf on a masked-out position must not leak into the sum.
+    masked = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if aggregation == "token_mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if aggregation == "seq_mean_token_sum":
+        if not norm_length:
+            raise ValueError("seq_mean_token_sum needs norm_length, the constant generation budget (max_new_tokens)")
+        return (masked.sum(dim=-1) / norm_length).mean()
+    raise ValueError(f"unknown loss aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> float:
+    mask = mask > 0
+    if not bool(mask.any()):
+        return 0.0
+    return float(values.detach()[mask].float().mean())
+
+
+def ppo_clip_loss(
+    logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    aggregation: str = "token_mean",
+    norm_length: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, eq. 7), as a loss to minimise, per token:
+
+        rho = exp(logp - logp_behaviour)
+        l   = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))
+
+    eps_high > eps_low is DAPO's clip-higher (arXiv 2503.14476, eq. 10). With dual_clip = c > 1 (Ye et al. 2020,
+    arXiv 1912.09729, eq. 5), a token with A < 0 has its loss capped at -c * A, so a huge ratio on a bad token
+    cannot dominate the batch: l = min(l, -c * A) where A < 0.
+
+    All tensors are [B, T-1] and next-token aligned (module docstring). Returns the aggregated loss and detached
+    token-mean statistics: clip_fraction (tokens where the clipped term is the one used), dual_clip_fraction,
+    ratio_mean, ratio_max, approx_kl (k3 estimate of KL(behaviour || current) over the trained tokens).
+    """
+    log_ratio = (logprobs - behaviour_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clip_active = clipped > unclipped
+    dual_active = torch.zeros_like(clip_active)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        dual_active = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, cap), per_token)
+    loss = aggregate(per_token, loss_mask, aggregation, norm_length)
+
+    with torch.no_grad():
+        mask = loss_mask > 0
+        stats = {
+            "clip_fraction": _masked_mean(clip_active.float(), mask),
+            "dual_clip_fraction": _masked_mean(dual_active.float(), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+            "ratio_max": float(ratio[mask].max()) if bool(mask.any()) else 0.0,
+            "approx_kl": _masked_mean(ratio - 1.0 - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def k3_kl(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    loss_mask: Tensor,
+    aggregation: str = "token_mean",
+    norm_length: int | None = None,
+) -> Tensor:
+    """KL(pi_theta || pi_ref) per token with Schulman's k3 estimator (http://joschu.net/blog/kl-approx.html),
+    unbiased and always >= 0 for samples from pi_theta, as in GRPO (arXiv 2402.03300, eq. 4):
+
+        k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1
+
+    aggregated over loss_mask the same way as the policy loss, so `pg + kl_coef * kl` keeps one token weighting.
+    """
+    log_ratio = (ref_logprobs - logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    per_token = torch.exp(log_ratio) - log_ratio - 1.0
+    return aggregate(per_token, loss_mask, aggregation, norm_length)
+
+
+# name -> policy loss with the signature of ppo_clip_loss
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
+    "ppo_clip": ppo_clip_loss,
+}

@@ -1,0 +1,324 @@
+"""The driver of `resetrl train`: the only place that starts processes.
+
+It starts (or connects to) Redis and Ray, creates the learner and the rollout actors, feeds prompts, shows
+progress, and stops everything cleanly, Ctrl-C included. Prompt feeding is also the flow control that bounds
+staleness: prompts for step s are fed only once the learner has finished step s - 1 - max_staleness, so the
+rollout never runs more than max_staleness policy versions ahead of the learner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from resetrl.config import RunConfig
+from resetrl.data import build_prompts
+from resetrl.metrics import MetricsSink
+from resetrl.models import resolve_model
+from resetrl.queue import StreamQueue, connect
+from resetrl.record import PromptRecord, encode_prompt
+from resetrl.redis_server import EmbeddedRedis
+from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, read_stats, request_stop
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+# Environment every Ray worker of the run gets (also on a remote cluster, through the runtime_env).
+_WORKER_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # vLLM's engine core runs inside the rollout actor's process: no extra processes to orphan or spawn-guard.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/resetrl/torch_extensions"),
+}
+
+
+@dataclass
+class PromptFeeder:
+    """Cycles through the dataset, giving each pass's prompts fresh ids (epoch suffix)."""
+
+    queue: StreamQueue
+    prompts: list[PromptRecord]
+    fed: int = 0
+
+    def feed_until(self, target: int) -> int:
+        payloads = []
+        while self.fed + len(payloads) < target:
+            index = self.fed + len(payloads)
+            base = self.prompts[index % len(self.prompts)]
+            epoch = index // len(self.prompts)
+            prompt = PromptRecord(
+                prompt_id=f"{base.prompt_id}.e{epoch}", question=base.question, answer=base.answer,
+                task=base.task, metadata=base.metadata,
+            )
+            payloads.append(encode_prompt(prompt))
+        if payloads:
+            self.queue.put_many(payloads)
+            self.fed += len(payloads)
+        return len(payloads)
+
+
+@dataclass
+class RunServices:
+    """What the driver started, so it can stop exactly that."""
+
+    redis: EmbeddedRedis | None = None
+    started_ray: bool = False
+    weights_root: Path | None = None
+    actors: list = field(default_factory=list)
+    learner: object | None = None
+    client: object | None = None
+    keys: RunKeys | None = None
+
+
+def _weights_root(cfg: RunConfig) -> Path:
+    # /dev/shm keeps the weight hand-off in memory (DESIGN.md: save + reload_weights from /dev/shm).
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else cfg.run_path
+    return base / f"resetrl-{cfg.run_name}-{uuid.uuid4().hex[:8]}" / "weights"
+
+
+def _start_ray(cfg: RunConfig, services: RunServices) -> None:
+    env = {**_WORKER_ENV_DEFAULTS, **{k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "RAY_AUTH"))}}
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.vllm_kv_cache_gib)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": env}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=cfg.ray.include_dashboard,
+            dashboard_host=cfg.ray.dashboard_host,
+            dashboard_port=cfg.ray.dashboard_port,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+        services.started_ray = True
+
+
+def _reset_run_keys(client, keys: RunKeys) -> None:
+    """A fresh run starts from empty streams and counters (resume is a separate path)."""
+    for key in client.scan_iter(match=f"{keys.prefix}:*"):
+        client.delete(key)
+
+
+class _ProgressView:
+    def __init__(self, total_steps: int):
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"), console=console, transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, status="starting actors")
+
+    def update(self, completed: int, status: str) -> None:
+        self.progress.update(self.task, completed=completed, status=status)
+
+
+def _status_line(step_metrics: dict | None, stats: dict, depth: int, version: int, elapsed: float) -> str:
+    reward = f"{step_metrics['reward_mean']:.3f}" if step_metrics else "-"
+    samples_per_s = stats.get("samples_generated", 0) / max(elapsed, 1e-9)
+    return (
+        f"reward {reward} | {samples_per_s:.2f} samples/s | queue {depth} | v{version} | "
+        f"trained {stats.get('samples_trained', 0)} dropped {stats.get('samples_dropped_stale', 0)}"
+    )
+
+
+def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
+    from resetrl.actors.rollout_actor import RolloutActor
+    from resetrl.learner.learner import Learner
+
+    run_dir = cfg.run_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    services = RunServices()
+    keys = RunKeys(cfg.run_name)
+    wall_started = time.monotonic()
+    summary: dict = {}
+    sink: MetricsSink | None = None
+    try:
+        model_path = str(resolve_model(cfg.model))
+        if cfg.queue.redis_url:
+            redis_url = cfg.queue.redis_url
+        else:
+            services.redis = EmbeddedRedis(run_dir / "redis", durable=cfg.queue.durable).start()
+            redis_url = services.redis.url
+        client = services.client = connect(redis_url)
+        services.keys = keys
+        _reset_run_keys(client, keys)
+        prompt_queue = StreamQueue(client, keys.prompts, PROMPT_GROUP, "driver")
+        experience_queue = StreamQueue(client, keys.experience, EXPERIENCE_GROUP, "driver")
+        prompt_queue.ensure_group()
+        experience_queue.ensure_group()
+        (run_dir / "run.json").write_text(json.dumps({"run_name": cfg.run_name, "redis_url": redis_url}))
+        prompts = build_prompts(cfg.data)
+
+        _start_ray(cfg, services)
+        sink = MetricsSink(run_dir / "tensorboard" if cfg.tensorboard else None)
+        services.weights_root = _weights_root(cfg)
+        services.weights_root.mkdir(parents=True, exist_ok=True)
+        learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus)
+        services.learner = learner_cls.remote(cfg, model_path, redis_url, str(services.weights_root))
+        actor_cls = ray.remote(RolloutActor).options(
+            num_cpus=cfg.rollout.cpus_per_worker,
+            num_gpus=cfg.rollout.gpus_per_worker,
+            max_restarts=cfg.rollout.max_restarts,
+            max_task_retries=-1,  # a restarted actor resumes its run() loop
+        )
+        services.actors = [
+            actor_cls.remote(cfg, index, model_path, redis_url, str(services.weights_root))
+            for index in range(cfg.rollout.num_workers)
+        ]
+        engine_names = ray.get([actor.engine_name.remote() for actor in services.actors])
+        ray.get(services.learner.policy_version.remote())
+        actor_runs = [actor.run.remote() for actor in services.actors]
+
+        summary = _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs)
+        summary["engine"] = engine_names[0]
+        request_stop(client, keys)
+        ray.get(actor_runs, timeout=120)
+        stats = read_stats(client, keys)
+        summary.update(
+            samples_generated=int(stats.get("samples_generated", 0)),
+            samples_trained=int(stats.get("samples_trained", 0)),
+            queue_dropped_stale=int(stats.get("samples_dropped_stale", 0)),
+            samples_left_in_queue=experience_queue.depth(),
+            verifier_errors=int(stats.get("verifier_errors", 0)),
+            records_rejected=int(stats.get("records_rejected", 0)),
+            weight_loads=int(stats.get("weight_loads", 0)),
+            tokens_generated=int(stats.get("tokens_generated", 0)),
+        )
+        summary["final_weights"] = _keep_final_weights(client, keys, model_path, run_dir)
+        summary["ray_session_dir"] = _ray_session_dir()
+    finally:
+        _shutdown(services)
+        if sink is not None:
+            sink.close()
+    summary["wall_seconds"] = round(time.monotonic() - wall_started, 2)
+    summary["run_dir"] = str(run_dir)
+    if summary_path:
+        Path(summary_path).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs) -> dict:
+    feeder = PromptFeeder(prompt_queue, prompts)
+    per_step = cfg.learner.prompts_per_step
+    group_size = cfg.rollout.group_size
+    rewards: list[float] = []
+    step, version, last_metrics = 0, 0, None
+    loop_started = time.monotonic()
+    view = _ProgressView(cfg.total_steps)
+    with view.progress:
+        while step < cfg.total_steps:
+            stats = read_stats(client, keys)
+            dropped_groups = int(stats.get("samples_dropped_stale", 0)) // group_size
+            feeder.feed_until(min((step + 1 + cfg.learner.max_staleness) * per_step, cfg.total_steps * per_step + dropped_groups))
+            pending = services.learner.train_step.remote(timeout_s=5.0)
+            while True:
+                done, _ = ray.wait([pending], timeout=0.5)
+                elapsed = time.monotonic() - loop_started
+                stats = read_stats(client, keys)
+                depth = experience_queue.depth()
+                view.update(step, _status_line(last_metrics, stats, depth, version, elapsed))
+                if done:
+                    break
+                _raise_if_rollout_died(actor_runs)
+            metrics = ray.get(pending)
+            if metrics is None:
+                continue
+            step, version, last_metrics = metrics["step"], metrics["policy_version"], metrics
+            rewards.append(metrics["reward_mean"])
+            elapsed = time.monotonic() - loop_started
+            scalars = {
+                **metrics,
+                "queue_depth_experience": experience_queue.depth(),
+                "queue_depth_prompts": prompt_queue.depth(),
+                "samples_per_s": stats.get("samples_generated", 0) / max(elapsed, 1e-9),
+                "rollout_tokens_per_s": stats.get("tokens_generated", 0) / max(elapsed, 1e-9),
+                "samples_dropped_stale": stats.get("samples_dropped_stale", 0),
+            }
+            sink.log(step, scalars)
+            view.update(step, _status_line(last_metrics, stats, experience_queue.depth(), version, elapsed))
+            console.log(
+                f"step {step}/{cfg.total_steps} v{version} reward {metrics['reward_mean']:.3f} "
+                f"loss {metrics.get('loss', float('nan')):.4f} len {metrics.get('response_len_mean', 0):.1f}"
+            )
+    return {
+        "steps": step,
+        "policy_version": version,
+        "reward_mean_first": rewards[0] if rewards else None,
+        "reward_mean_last": rewards[-1] if rewards else None,
+        "reward_curve": rewards,
+        "train_loop_seconds": round(time.monotonic() - loop_started, 2),
+    }
+
+
+def _raise_if_rollout_died(actor_runs: list) -> None:
+    finished, _ = ray.wait(actor_runs, num_returns=len(actor_runs), timeout=0)
+    for ref in finished:
+        ray.get(ref)  # raises the actor's error (after Ray has used up its restarts)
+    if len(finished) == len(actor_runs):
+        raise RuntimeError("every rollout worker stopped before training finished; see the Ray logs")
+
+
+def _keep_final_weights(client, keys: RunKeys, model_path: str, run_dir: Path) -> str | None:
+    """Copy the newest published weights and the model's config/tokenizer into run_dir/final (a loadable HF folder)."""
+    published = client.hgetall(keys.weights)
+    if not published:
+        return None
+    source = Path(published[b"path"].decode())
+    final = run_dir / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(model_path, final, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for weights_file in source.glob("*.safetensors"):
+        shutil.copy2(weights_file, final / weights_file.name)
+    return str(final)
+
+
+def _ray_session_dir() -> str | None:
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except Exception:
+        return None
+
+
+def _shutdown(services: RunServices) -> None:
+    """Stop what this run started, in reverse order; every step runs even if an earlier one failed.
+
+    Actors are killed, not asked to close: the engines (vLLM's core included) live in the actor processes, so
+    ending the process frees everything, and a busy actor (mid-generation after Ctrl-C) cannot delay the stop.
+    """
+    if services.client is not None:
+        try:
+            request_stop(services.client, services.keys)
+        except Exception:
+            pass
+    for handle in [*services.actors, services.learner]:
+        if handle is None:
+            continue
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+    if services.client is not None:
+        services.client.close()
+    if services.started_ray and ray.is_initialized():
+        ray.shutdown()
+    if services.redis is not None:
+        services.redis.stop()
+    if services.weights_root is not None:
+        shutil.rmtree(services.weights_root.parent, ignore_errors=True)
