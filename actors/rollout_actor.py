@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 
-import numpy as np
 import torch
 
 from resetrl.actors.engines import make_engine
-from resetrl.actors.engines.base import Completion, SamplingSettings
-from resetrl.algorithms.advantages import grpo_advantages
+from resetrl.actors.engines.base import SamplingSettings
+from resetrl.actors.grpo_rollout import grpo_rollout
+from resetrl.actors.reset_rollout import reset_rollout
+from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
 from resetrl.queue import StreamEntry, StreamQueue, connect
-from resetrl.record import ExperienceRecord, PromptRecord, WireFormatError, decode_prompt, encode_experience
+from resetrl.record import WireFormatError, decode_prompt, encode_experience
 from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, incr_stats, stop_requested
 from resetrl.verifiers import get_verifier
 from resetrl.weights import SharedFolderWeightChannel
 
 log = logging.getLogger(__name__)
+
+# algorithm.name -> how a batch of prompts becomes experience (each strategy batches its engine calls).
+STRATEGIES = {"grpo": grpo_rollout, "rrpo": reset_rollout, "srpo": reset_rollout}
 
 # How often (in loop iterations) a worker looks for prompts that a dead worker left pending.
 _RECLAIM_EVERY = 20
@@ -65,6 +70,7 @@ class _RolloutMetrics:
 
 class RolloutActor:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str, redis_url: str, weights_root: str):
+        # (vLLM pins the process to one torch thread itself; OMP_NUM_THREADS from Ray's CPU share wins there.)
         torch.set_num_threads(max(1, int(cfg.rollout.cpus_per_worker)))
         self.cfg = cfg
         self.worker_index = worker_index
@@ -92,6 +98,7 @@ class RolloutActor:
             top_p=cfg.rollout.top_p,
         )
         self.policy_version = 0
+        self.rng = random.Random(cfg.seed + 1000 * worker_index)  # RRPO's reset steps
         self.metrics = _RolloutMetrics(worker_index)
         # A restarted actor must generate with the current policy, not the initial one (DESIGN.md).
         self.sync_weights()
@@ -152,86 +159,25 @@ class RolloutActor:
         if not prompts:
             return {"prompts": 0, "samples": 0, "tokens": 0}
 
-        prompt_token_ids = [render_prompt(self.tokenizer, self.cfg.data, prompt) for prompt in prompts]
+        ctx = RolloutContext(self.cfg, self.engine, self.tokenizer, self.verify, self.sampling, self.policy_version, self.rng)
+        prompt_ids = [render_prompt(self.tokenizer, self.cfg.data, prompt) for prompt in prompts]
+        group_ids = [f"{prompt.prompt_id}@{entry_id}" for prompt, entry_id in zip(prompts, good_ids)]
         started = time.perf_counter()
-        groups = self.engine.generate(prompt_token_ids, self.cfg.rollout.group_size, self.sampling)
+        records = STRATEGIES[self.cfg.algorithm.name](ctx, prompts, group_ids, prompt_ids)
         generate_seconds = time.perf_counter() - started
 
-        payloads, rewards_all, verifier_errors, tokens = [], [], 0, 0
-        for prompt, entry_id, ids, completions in zip(prompts, good_ids, prompt_token_ids, groups):
-            rewards, errors = self.score(prompt, completions)
-            verifier_errors += errors
-            rewards_all.extend(rewards)
-            tokens += sum(len(c.token_ids) for c in completions)
-            records = self.build_records(prompt, f"{prompt.prompt_id}@{entry_id}", ids, completions, rewards)
-            payloads.extend(encode_experience(record) for record in records)
-
-        self.experience.put_many(payloads)
+        # Experience first, then the prompt acks: a crash in between replays the prompts, never loses them.
+        if records:
+            self.experience.put_many([encode_experience(record) for record in records])
         self.prompts.ack(good_ids)
+        counters = {name: (int(v) if float(v).is_integer() else float(v)) for name, v in ctx.stats.items()}
         incr_stats(
-            self.client,
-            self.keys,
-            prompts_done=len(prompts),
-            samples_generated=len(payloads),
-            tokens_generated=tokens,
-            reward_sum=float(sum(rewards_all)),
-            verifier_errors=verifier_errors,
-            generate_seconds=generate_seconds,
+            self.client, self.keys, prompts_done=len(prompts), samples_generated=len(records),
+            generate_seconds=generate_seconds, **counters,
         )
-        self.metrics.record_batch(tokens, len(payloads), generate_seconds, self.policy_version)
-        return {"prompts": len(prompts), "samples": len(payloads), "tokens": tokens}
-
-    # ---- pieces --------------------------------------------------------------------------------------------
-    def score(self, prompt: PromptRecord, completions: list[Completion]) -> tuple[list[float], int]:
-        """Outcome rewards; a verifier that raises scores 0 and is counted, it never kills the worker."""
-        rewards, errors = [], 0
-        for completion in completions:
-            try:
-                reward = float(self.verify(completion.text, prompt))
-                if not np.isfinite(reward):
-                    raise ValueError(f"verifier returned {reward}")
-            except Exception as exc:
-                log.warning("verifier failed on %s: %s", prompt.prompt_id, exc)
-                reward, errors = 0.0, errors + 1
-            rewards.append(reward)
-        return rewards, errors
-
-    def build_records(
-        self,
-        prompt: PromptRecord,
-        group_id: str,
-        prompt_ids: list[int],
-        completions: list[Completion],
-        rewards: list[float],
-    ) -> list[ExperienceRecord]:
-        """GRPO: one z-scored advantage per trajectory, on every response token (ALGORITHMS.md)."""
-        advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float32), std_normalize=self.cfg.algorithm.std_normalize)
-        records = []
-        for index, (completion, reward, advantage) in enumerate(zip(completions, rewards, advantages.tolist())):
-            prompt_length = len(prompt_ids)
-            total = prompt_length + len(completion.token_ids)
-            response = np.zeros(total, dtype=bool)
-            response[prompt_length:] = True
-            behaviour = np.zeros(total, dtype=np.float32)
-            behaviour[prompt_length:] = completion.logprobs
-            records.append(
-                ExperienceRecord(
-                    record_id=f"{group_id}#{index}",
-                    prompt_id=prompt.prompt_id,
-                    group_id=group_id,
-                    method=self.cfg.algorithm.name,
-                    policy_version=self.policy_version,
-                    token_ids=np.asarray(prompt_ids + list(completion.token_ids), dtype=np.int32),
-                    prompt_length=prompt_length,
-                    loss_mask=response.astype(np.uint8),
-                    advantages=np.where(response, advantage, 0.0).astype(np.float32),
-                    behaviour_logprobs=behaviour,
-                    reward=float(reward),
-                    temperature=self.sampling.temperature,
-                    finish_reason=completion.finish_reason,
-                )
-            )
-        return records
+        tokens = int(ctx.stats["tokens_generated"])
+        self.metrics.record_batch(tokens, len(records), generate_seconds, self.policy_version)
+        return {"prompts": len(prompts), "samples": len(records), "tokens": tokens}
 
     def close(self) -> None:
         self.engine.close()

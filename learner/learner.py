@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resetrl.algorithms.losses import k3_kl, ppo_clip_loss, token_logprobs
+from resetrl.algorithms.losses import POLICY_LOSSES, k3_kl, token_logprobs
 from resetrl.config import RunConfig
 from resetrl.learner.batching import MicroBatch, micro_batches
 from resetrl.queue import StreamQueue, connect
@@ -59,7 +59,7 @@ class Learner:
         self.cfg = cfg
         self.keys = RunKeys(cfg.run_name)
         self.client = connect(redis_url)
-        self.records_per_step = cfg.learner.prompts_per_step * cfg.rollout.group_size
+        self.records_per_step = cfg.records_per_step
         self.version = 0  # policy version = optimizer steps taken
 
         _init_single_process_distributed()
@@ -123,7 +123,12 @@ class Learner:
             started = time.perf_counter()
             self._publish()
             publish_seconds = time.perf_counter() - started
-            incr_stats(self.client, self.keys, samples_trained=len(records), learner_steps=1)
+            # Records whose first response tokens are masked out: reset continuations (G2) trained on suffix only.
+            suffix_only = sum(1 for r in records if r.num_response_tokens and not r.loss_mask[r.prompt_length])
+            incr_stats(
+                self.client, self.keys, samples_trained=len(records), learner_steps=1,
+                tokens_trained=metrics["loss_tokens"], records_trained_suffix_only=suffix_only,
+            )
         self.queue.ack(entry_ids)
 
         dropped, self._dropped_stale = self._dropped_stale, 0
@@ -168,7 +173,7 @@ class Learner:
 
             logits = self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
             logprobs = token_logprobs(logits, mb.input_ids, mb.temperatures)
-            pg_loss, stats = ppo_clip_loss(
+            pg_loss, stats = POLICY_LOSSES[algo.policy_loss](
                 logprobs, mb.behaviour_logprobs, mb.advantages, mb.loss_mask,
                 clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
                 aggregation=algo.loss_aggregation, norm_length=self.cfg.rollout.max_new_tokens,

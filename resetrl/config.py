@@ -88,17 +88,56 @@ class RolloutConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a dead rollout actor")
 
 
+class ResetConfig(_Section):
+    """RRPO / SRPO (ALGORITHMS.md; defaults from the paper's code: 4 fresh + 4 reset trajectories per prompt)."""
+
+    g1_size: int = Field(4, ge=1, description="fresh trajectories trained per prompt (G1)")
+    g2_size: int = Field(4, ge=1, description="continuations sampled from each reset point (G2)")
+    max_fresh_samples: int = Field(12, ge=2, description="fresh samples drawn at most while looking for a failed parent")
+    success_threshold: float = Field(1.0, description="a trajectory with reward below this failed (may be a parent)")
+    step_delimiter: str = Field("</step>", min_length=1, description="closes each step; responses are split on it")
+    step_offset: int = Field(0, ge=0, description="reset m steps before the chosen step (k - m, clamped)")
+    resets_per_parent: int = Field(1, ge=1, description="reset points per failed parent, each with its own G2")
+    localisation_temperature: float = Field(0.3, gt=0, description="SRPO: sampling temperature of the localisation")
+    localisation_max_tokens: int = Field(128, ge=1, description="SRPO: token budget of the localisation answer")
+    reveal_gold_answer: bool = Field(False, description="SRPO variant: show the gold answer in the localisation prompt")
+    train_localisation: bool = Field(
+        False, description="SRPO: also train on the localisation text (advantage +1) when a continuation from its reset succeeds"
+    )
+
+    @property
+    def records_per_prompt(self) -> int:
+        return self.g1_size + self.g2_size * self.resets_per_parent
+
+
 class AlgorithmConfig(_Section):
-    name: Literal["grpo"] = "grpo"
+    name: Literal["grpo", "rrpo", "srpo"] = Field(
+        "grpo", description="grpo: outcome only; rrpo: reset failed trajectories at a random step; srpo: at the step the model flags"
+    )
     verifier: str = Field("math", description="a name registered in resetrl.verifiers")
+    policy_loss: Literal["ppo_clip", "pg"] = Field(
+        "ppo_clip", description="ppo_clip (with dual_clip) or pg: the unclipped policy gradient"
+    )
     std_normalize: bool = Field(True, description="divide by the group std (False = Dr.GRPO)")
     loss_aggregation: Literal["token_mean", "seq_mean_token_sum"] = Field(
         "token_mean", description="token_mean (GRPO/DAPO) or seq_mean_token_sum (Dr.GRPO, no length normalisation)"
     )
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0, description="0.28 = DAPO clip-higher")
-    dual_clip: float | None = Field(None, gt=1, description="dual-clip constant c (e.g. 3) for negative advantages")
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual-clip constant c for negative advantages; rrpo/srpo default to 3 (the paper's code)"
+    )
     kl_coef: float = Field(0.0, ge=0, description="weight of the k3 KL to the initial (reference) model")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal; the driver refills")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens (0 = off)")
+    overlong_penalty: float = Field(1.0, ge=0, description="reward subtracted at max_new_tokens when overlong_buffer > 0")
+    reset: ResetConfig = ResetConfig()
+
+    @model_validator(mode="after")
+    def _reset_defaults(self) -> "AlgorithmConfig":
+        if self.name in ("rrpo", "srpo") and "dual_clip" not in self.model_fields_set:
+            self.__dict__["dual_clip"] = 3.0
+        return self
 
 
 class LearnerConfig(_Section):
@@ -148,13 +187,30 @@ class RunConfig(_Section):
     def run_path(self) -> Path:
         return Path(self.run_dir.format(run_name=self.run_name)).expanduser().resolve()
 
+    @property
+    def records_per_prompt(self) -> int:
+        """Trained trajectories per prompt: G for grpo; G1 + G2 x resets for rrpo/srpo (and their GRPO fallback)."""
+        if self.algorithm.name in ("rrpo", "srpo"):
+            return self.algorithm.reset.records_per_prompt
+        return self.rollout.group_size
+
+    @property
+    def records_per_step(self) -> int:
+        return self.learner.prompts_per_step * self.records_per_prompt
+
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunConfig":
-        records_per_step = self.learner.prompts_per_step * self.rollout.group_size
-        if records_per_step % self.learner.micro_batch_size:
+        if self.records_per_step % self.learner.micro_batch_size:
+            size = "rollout.group_size" if self.algorithm.name == "grpo" else "(reset.g1_size + reset.g2_size * resets_per_parent)"
             raise ValueError(
                 f"learner.micro_batch_size ({self.learner.micro_batch_size}) must divide "
-                f"learner.prompts_per_step * rollout.group_size ({records_per_step}): pick a divisor"
+                f"learner.prompts_per_step * {size} = {self.records_per_step}: pick a divisor"
+            )
+        reset = self.algorithm.reset
+        if self.algorithm.name in ("rrpo", "srpo") and reset.max_fresh_samples < reset.records_per_prompt:
+            raise ValueError(
+                f"algorithm.reset.max_fresh_samples ({reset.max_fresh_samples}) must be at least g1_size + g2_size x "
+                f"resets_per_parent ({reset.records_per_prompt}): the GRPO fallback trains that many fresh samples"
             )
         return self
 

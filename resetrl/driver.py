@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resetrl.config import RunConfig
 from resetrl.data import build_prompts
-from resetrl.metrics import MetricsSink
+from resetrl.metrics import MetricsSink, derived_rates
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import PromptRecord, encode_prompt
@@ -131,10 +131,12 @@ class _ProgressView:
 def _status_line(step_metrics: dict | None, stats: dict, depth: int, version: int, elapsed: float) -> str:
     reward = f"{step_metrics['reward_mean']:.3f}" if step_metrics else "-"
     samples_per_s = stats.get("samples_generated", 0) / max(elapsed, 1e-9)
-    return (
+    line = (
         f"reward {reward} | {samples_per_s:.2f} samples/s | queue {depth} | v{version} | "
         f"trained {stats.get('samples_trained', 0)} dropped {stats.get('samples_dropped_stale', 0)}"
     )
+    reset_rate = derived_rates(stats)["reset_rate"]
+    return line if reset_rate is None else f"{line} | resets {reset_rate:.0%}"
 
 
 def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
@@ -200,6 +202,11 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
             records_rejected=int(stats.get("records_rejected", 0)),
             weight_loads=int(stats.get("weight_loads", 0)),
             tokens_generated=int(stats.get("tokens_generated", 0)),
+            tokens_trained=int(stats.get("tokens_trained", 0)),
+            samples_per_s=round(stats.get("samples_generated", 0) / max(summary["train_loop_seconds"], 1e-9), 3),
+            method=cfg.algorithm.name,
+            **{name: value for name, value in derived_rates(stats).items()},
+            counters=stats,
         )
         summary["final_weights"] = _keep_final_weights(client, keys, model_path, run_dir)
         summary["ray_session_dir"] = _ray_session_dir()
@@ -214,37 +221,47 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
     return summary
 
 
+def _feed_target(cfg: RunConfig, step: int, stats: dict, starved_batches: int) -> int:
+    """How many prompts should have been fed by now: the staleness window, plus replacements for prompts that
+    produced no trained records (dynamic sampling, stale drops) and for batches the learner went hungry on."""
+    per_step = cfg.learner.prompts_per_step
+    window = min(step + 1 + cfg.learner.max_staleness, cfg.total_steps) * per_step
+    stale_prompts = -(-int(stats.get("samples_dropped_stale", 0)) // cfg.records_per_prompt)
+    return window + int(stats.get("prompts_without_records", 0)) + stale_prompts + starved_batches * per_step
+
+
 def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs) -> dict:
     feeder = PromptFeeder(prompt_queue, prompts)
-    per_step = cfg.learner.prompts_per_step
-    group_size = cfg.rollout.group_size
     rewards: list[float] = []
-    step, version, last_metrics = 0, 0, None
+    step, version, last_metrics, starved_batches = 0, 0, None, 0
     loop_started = time.monotonic()
     view = _ProgressView(cfg.total_steps)
     with view.progress:
         while step < cfg.total_steps:
-            stats = read_stats(client, keys)
-            dropped_groups = int(stats.get("samples_dropped_stale", 0)) // group_size
-            feeder.feed_until(min((step + 1 + cfg.learner.max_staleness) * per_step, cfg.total_steps * per_step + dropped_groups))
+            feeder.feed_until(_feed_target(cfg, step, read_stats(client, keys), starved_batches))
             pending = services.learner.train_step.remote(timeout_s=5.0)
             while True:
                 done, _ = ray.wait([pending], timeout=0.5)
                 elapsed = time.monotonic() - loop_started
                 stats = read_stats(client, keys)
-                depth = experience_queue.depth()
-                view.update(step, _status_line(last_metrics, stats, depth, version, elapsed))
+                view.update(step, _status_line(last_metrics, stats, experience_queue.depth(), version, elapsed))
                 if done:
                     break
                 _raise_if_rollout_died(actor_runs)
             metrics = ray.get(pending)
             if metrics is None:
+                # Every fed prompt is done, yet the learner lacks records (strategies may yield fewer than
+                # records_per_prompt, e.g. dropped groups): feed another step's worth.
+                if prompt_queue.depth() == 0 and int(stats.get("prompts_done", 0)) >= feeder.fed:
+                    starved_batches += 1
                 continue
             step, version, last_metrics = metrics["step"], metrics["policy_version"], metrics
             rewards.append(metrics["reward_mean"])
+            stats = read_stats(client, keys)
             elapsed = time.monotonic() - loop_started
             scalars = {
                 **metrics,
+                **derived_rates(stats),
                 "queue_depth_experience": experience_queue.depth(),
                 "queue_depth_prompts": prompt_queue.depth(),
                 "samples_per_s": stats.get("samples_generated", 0) / max(elapsed, 1e-9),
@@ -264,6 +281,7 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
         "reward_mean_last": rewards[-1] if rewards else None,
         "reward_curve": rewards,
         "train_loop_seconds": round(time.monotonic() - loop_started, 2),
+        "prompts_fed": feeder.fed,
     }
 
 

@@ -23,7 +23,37 @@ DRIVER_SCALARS = {
     "version_lag": "learner version minus the version the trained batch was generated with",
     "train_seconds": "seconds of the learner's forward/backward/step",
     "publish_seconds": "seconds to publish the new weights",
+    "reset_rate": "prompts that got a reset (a failed parent) / prompts",
+    "fallback_rate": "prompts without a failed parent (plain GRPO group) / prompts",
+    "localisation_parse_rate": "SRPO localisations whose step number parsed / localisations",
+    "reset_step_mean": "mean reset step k",
+    "parent_steps_mean": "mean number of steps of the reset parents",
+    "reset_step_fraction": "mean k / steps of the parent",
+    "g2_success_rate": "continuations from a reset that succeeded / continuations",
+    "tokens_per_trained_token": "generated tokens (parents, localisations, fresh, continuations) / trained tokens",
+    "reward_mean_rollout": "mean reward of everything scored (all samples, since the start)",
 }
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def derived_rates(stats: dict) -> dict[str, float | None]:
+    """The rates the progress bar, TensorBoard, Ray and the summary report, from the run's counters."""
+    get = lambda name: float(stats.get(name, 0))  # noqa: E731
+    prompts_classified = get("reset_prompts") + get("fallback_prompts")
+    return {
+        "reset_rate": _ratio(get("reset_prompts"), prompts_classified),
+        "fallback_rate": _ratio(get("fallback_prompts"), prompts_classified),
+        "localisation_parse_rate": _ratio(get("localisation_parsed"), get("localisations")),
+        "reset_step_mean": _ratio(get("reset_step_sum"), get("resets")),
+        "parent_steps_mean": _ratio(get("parent_steps_sum"), get("resets")),
+        "reset_step_fraction": _ratio(get("reset_step_fraction_sum"), get("resets")),
+        "g2_success_rate": _ratio(get("g2_successes"), get("g2_samples")),
+        "tokens_per_trained_token": _ratio(get("tokens_generated"), get("tokens_trained")),
+        "reward_mean_rollout": _ratio(get("reward_sum"), get("rewards_scored")),
+    }
 
 
 class MetricsSink:

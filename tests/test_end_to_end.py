@@ -111,3 +111,34 @@ def test_ctrl_c_stops_everything(tmp_path):
     assert "step 1/50" in text, text[-3000:]
     assert proc.returncode == 130, text[-3000:]
     assert _leftovers(before) == []
+
+
+@pytest.mark.parametrize("method", ["rrpo", "srpo"])
+def test_reset_methods_train_end_to_end(tmp_path, method):
+    """Resets happen in the actors and their suffix-only masks reach the learner.
+
+    The tiny random model fails every problem, so every prompt has a failed parent. Its output has no '</step>'
+    and few sentence ends; a space as the step delimiter splits it into many steps, so most reset points have a
+    non-empty prefix to mask.
+    """
+    before = _run_processes()
+    result = subprocess.run(
+        _train_command(
+            tmp_path, "rollout.engine=hf", f"algorithm.name={method}", "algorithm.reset.step_delimiter=' '",
+            "learner.prompts_per_step=1", "total_steps=2",
+        ),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    counters = summary["counters"]
+    assert summary["steps"] == 2 and summary["method"] == method
+    assert summary["reset_rate"] == 1.0 and summary["fallback_rate"] == 0.0
+    assert counters["resets"] >= 2 and counters["g2_samples"] == 4 * counters["resets"]
+    assert counters["records_trained_suffix_only"] > 0
+    assert summary["samples_generated"] == summary["samples_trained"] + summary["queue_dropped_stale"] + summary["samples_left_in_queue"]
+    assert summary["tokens_per_trained_token"] > 1.0  # parents (and localisations) are generated, not trained
+    if method == "srpo":
+        assert counters["localisations"] == counters["resets"]
+        assert summary["localisation_parse_rate"] is not None
+    assert _leftovers(before) == []

@@ -131,7 +131,44 @@ def k3_kl(
     return aggregate(per_token, loss_mask, aggregation, norm_length)
 
 
+def pg_loss(
+    logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    aggregation: str = "token_mean",
+    norm_length: int | None = None,
+    **_,
+) -> tuple[Tensor, dict[str, float]]:
+    """Unclipped policy gradient, the default loss of the RRPO/SRPO reference code (arXiv 2605.25507), per token:
+
+        l = -A * rho,   rho = exp(logp - logp_behaviour)
+
+    d l / d theta = -A * rho * grad logp, which at rho = 1 (on-policy) is exactly REINFORCE's -A * grad logp; off
+    policy, rho is the importance weight. Nothing is clipped, so a stale or diverging token is not held back: the
+    clipped ppo_clip_loss is the stabler choice (ALGORITHMS.md).
+
+    Same arguments, aggregation and statistics keys as ppo_clip_loss, so the learner can swap them by name; clip
+    arguments (clip_eps_low, clip_eps_high, dual_clip) are accepted and ignored, and the clip fractions are 0.
+    """
+    log_ratio = (logprobs - behaviour_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    loss = aggregate(-advantages * ratio, loss_mask, aggregation, norm_length)
+
+    with torch.no_grad():
+        mask = loss_mask > 0
+        stats = {
+            "clip_fraction": 0.0,
+            "dual_clip_fraction": 0.0,
+            "ratio_mean": _masked_mean(ratio, mask),
+            "ratio_max": float(ratio[mask].max()) if bool(mask.any()) else 0.0,
+            "approx_kl": _masked_mean(ratio - 1.0 - log_ratio, mask),
+        }
+    return loss, stats
+
+
 # name -> policy loss with the signature of ppo_clip_loss
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
     "ppo_clip": ppo_clip_loss,
+    "pg": pg_loss,
 }

@@ -1,0 +1,110 @@
+"""What every rollout strategy shares: the engine context, outcome scoring, and turning a sampled trajectory
+into an ExperienceRecord. The strategies themselves (grpo_rollout.py, reset_rollout.py) only decide what to
+sample and how to credit it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
+from resetrl.algorithms.shaping import overlong_penalty
+from resetrl.algorithms.steps import token_step_starts
+from resetrl.config import RunConfig
+from resetrl.record import ExperienceRecord, PromptRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutContext:
+    """Everything a strategy needs to sample and score, for one generation batch."""
+
+    cfg: RunConfig
+    engine: Engine
+    tokenizer: object
+    verify: Callable[[str, PromptRecord], float]
+    sampling: SamplingSettings
+    policy_version: int
+    rng: random.Random
+    stats: Counter = field(default_factory=Counter)  # counters added to the run's stats after the batch
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def generate(self, prompts_token_ids: list[list[int]], n: int, sampling: SamplingSettings | None = None):
+        groups = self.engine.generate(prompts_token_ids, n, sampling or self.sampling)
+        self.stats["samples_sampled"] += sum(len(group) for group in groups)
+        self.stats["tokens_generated"] += sum(len(c.token_ids) for group in groups for c in group)
+        return groups
+
+    def score(self, prompt: PromptRecord, response_text: str, completion: Completion) -> float:
+        """Outcome reward (plus the optional DAPO overlong penalty); a failing verifier scores 0 and is counted."""
+        try:
+            reward = float(self.verify(response_text, prompt))
+            if not np.isfinite(reward):
+                raise ValueError(f"verifier returned {reward}")
+        except Exception as exc:  # a verifier bug or hostile output must never kill the worker
+            log.warning("verifier failed on %s: %s", prompt.prompt_id, exc)
+            self.stats["verifier_errors"] += 1
+            reward = 0.0
+        algo = self.cfg.algorithm
+        if algo.overlong_buffer:
+            reward += overlong_penalty(
+                len(completion.token_ids), self.cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
+            )
+        return reward
+
+
+def trajectory_record(
+    ctx: RolloutContext,
+    *,
+    prompt: PromptRecord,
+    group_id: str,
+    index: int,
+    method: str,
+    context_ids: list[int],
+    prompt_length: int,
+    completion: Completion,
+    advantage: float,
+    reward: float,
+    temperature: float | None = None,
+) -> ExperienceRecord:
+    """One trained trajectory: context (prompt, plus a reset prefix for G2) + sampled completion.
+
+    Only the completion's tokens are trained on (loss mask), carry the advantage and the behaviour log-probs;
+    for a G2 continuation the reset prefix is part of the context, so it is masked out (ALGORITHMS.md, RRPO 5).
+    step_boundaries are absolute token offsets (into token_ids) where each response step starts.
+    """
+    token_ids = list(context_ids) + list(completion.token_ids)
+    total, trained_from = len(token_ids), len(context_ids)
+    loss_mask = np.zeros(total, dtype=np.uint8)
+    loss_mask[trained_from:] = 1
+    advantages = np.zeros(total, dtype=np.float32)
+    advantages[trained_from:] = advantage
+    behaviour = np.zeros(total, dtype=np.float32)
+    behaviour[trained_from:] = completion.logprobs
+    response_ids = token_ids[prompt_length:]
+    starts = token_step_starts(response_ids, ctx.decode, ctx.cfg.algorithm.reset.step_delimiter) if response_ids else []
+    return ExperienceRecord(
+        record_id=f"{group_id}#{index}",
+        prompt_id=prompt.prompt_id,
+        group_id=group_id,
+        method=method,
+        policy_version=ctx.policy_version,
+        token_ids=np.asarray(token_ids, dtype=np.int32),
+        prompt_length=prompt_length,
+        loss_mask=loss_mask,
+        advantages=advantages,
+        behaviour_logprobs=behaviour,
+        reward=float(reward),
+        temperature=temperature if temperature is not None else ctx.sampling.temperature,
+        step_boundaries=[prompt_length + start for start in starts],
+        finish_reason=completion.finish_reason,
+    )

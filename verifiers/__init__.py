@@ -1,0 +1,44 @@
+"""Verifiers: score one sampled response against its prompt, by name.
+
+A verifier is a callable `(response_text: str, prompt: PromptRecord) -> float` returning a reward in [0, 1].
+Register one with `@register("name")`; look it up with `get_verifier(name)` (the name in
+`algorithm.verifier` of the run config). Importing this package registers the built-in verifiers:
+    "math"           final answer (\\boxed{} or `Answer: X`) compared with math-verify, plus a numeric fallback
+    "reasoning_gym"  same answer extraction, scored by reasoning-gym's own scorer for the prompt's task
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from resetrl.record import PromptRecord
+
+Verifier = Callable[[str, PromptRecord], float]
+
+_VERIFIERS: dict[str, Verifier] = {}
+
+
+def register(name: str) -> Callable[[Verifier], Verifier]:
+    """Decorator: make `fn` available as `get_verifier(name)`."""
+
+    def decorator(fn: Verifier) -> Verifier:
+        if name in _VERIFIERS and _VERIFIERS[name] is not fn:
+            raise ValueError(f"verifier '{name}' is already registered (by {_VERIFIERS[name].__module__}); pick another name")
+        _VERIFIERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_verifier(name: str) -> Verifier:
+    try:
+        return _VERIFIERS[name]
+    except KeyError:
+        known = ", ".join(sorted(_VERIFIERS)) or "(none)"
+        raise ValueError(
+            f"unknown verifier '{name}' (algorithm.verifier); registered verifiers: {known}"
+        ) from None
+
+
+# Imported for their @register side effect; at the bottom because they import `register` from here.
+from resetrl.verifiers import math_answer, reasoning_gym_score  # noqa: E402,F401
