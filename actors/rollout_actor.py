@@ -96,6 +96,7 @@ class RolloutActor:
             max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
+            stop=tuple(cfg.rollout.stop),
         )
         self.policy_version = 0
         self.rng = random.Random(cfg.seed + 1000 * worker_index)  # RRPO's reset steps

@@ -79,7 +79,8 @@ def test_seed_in_task_config_points_to_data_seed():
 
 
 def test_render_prompt_uses_the_chat_template(tokenizer):
-    cfg = DataConfig(task="basic_arithmetic", task_config=EASY, size=1, prompt_template="{question}\nEnd with 'Answer: N'.")
+    template = "{question}\nEnd with 'Answer: N'."
+    cfg = DataConfig(task="basic_arithmetic", task_config=EASY, size=1, prompt_template=template)
     prompt = build_prompts(cfg)[0]
     ids = render_prompt(tokenizer, cfg, prompt)
     text = tokenizer.decode(ids)

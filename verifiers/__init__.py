@@ -23,7 +23,8 @@ def register(name: str) -> Callable[[Verifier], Verifier]:
 
     def decorator(fn: Verifier) -> Verifier:
         if name in _VERIFIERS and _VERIFIERS[name] is not fn:
-            raise ValueError(f"verifier '{name}' is already registered (by {_VERIFIERS[name].__module__}); pick another name")
+            owner = _VERIFIERS[name].__module__
+            raise ValueError(f"verifier '{name}' is already registered (by {owner}); pick another name")
         _VERIFIERS[name] = fn
         return fn
 

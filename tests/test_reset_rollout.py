@@ -1,0 +1,123 @@
+"""The RRPO/SRPO rollout strategy on a real engine (HF, tiny random Llama) and the real SmolLM2 tokenizer.
+
+The verifier is a rule of the test's own (reward 1 when the response has an even number of tokens), so fresh
+groups mix successes and failures and every branch of the strategy is taken. No Ray, no Redis: the strategy is
+plain code between the engine and the records.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from resetrl.actors.engines import SamplingSettings, make_engine
+from resetrl.actors.reset_rollout import reset_rollout
+from resetrl.actors.trajectories import RolloutContext
+from resetrl.config import ModelConfig, config_from_dict
+from resetrl.data import render_prompt
+from resetrl.models import resolve_model
+from resetrl.record import PromptRecord
+
+
+class CallCounter:
+    """The real engine, with its generate() calls counted (to check that stages are batched)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts_token_ids, n, sampling):
+        self.calls.append((len(prompts_token_ids), n))
+        return self.engine.generate(prompts_token_ids, n, sampling)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    path = resolve_model(ModelConfig(name="tiny-llama"))
+    engine = make_engine("hf", str(path), seed=0)
+    yield engine, AutoTokenizer.from_pretrained(path)
+    engine.close()
+
+
+def even_length_reward(text: str, prompt: PromptRecord) -> float:
+    return float(len(text.split()) % 2 == 0)
+
+
+def run_strategy(tiny, method: str, num_prompts: int = 6):
+    engine, tokenizer = tiny
+    cfg = config_from_dict({
+        "algorithm": {"name": method, "reset": {"step_delimiter": " "}},
+        "rollout": {"max_new_tokens": 12},
+    })
+    counter = CallCounter(engine)
+    ctx = RolloutContext(cfg, counter, tokenizer, even_length_reward,
+                         SamplingSettings(max_new_tokens=12, temperature=1.0), policy_version=7, rng=random.Random(0))
+    prompts = [PromptRecord(f"p{i}", f"What is {i} + {i}?", str(2 * i), "basic_arithmetic") for i in range(num_prompts)]
+    ids = [render_prompt(tokenizer, cfg.data, p) for p in prompts]
+    records = reset_rollout(ctx, prompts, [f"{p.prompt_id}@0-{i}" for i, p in enumerate(prompts)], ids)
+    return cfg, ctx, counter, prompts, ids, records
+
+
+@pytest.mark.parametrize("method", ["rrpo", "srpo"])
+def test_each_prompt_gets_g1_plus_g2_or_a_fallback_group_of_the_same_size(tiny, method):
+    cfg, ctx, counter, prompts, ids, records = run_strategy(tiny, method)
+    for prompt in prompts:
+        own = [r for r in records if r.prompt_id == prompt.prompt_id]
+        assert len(own) == 8
+        assert all(r.policy_version == 7 for r in own)
+    assert ctx.stats["reset_prompts"] + ctx.stats["fallback_prompts"] == len(prompts)
+    assert ctx.stats["reset_prompts"] > 0
+
+
+@pytest.mark.parametrize("method", ["rrpo", "srpo"])
+def test_stages_are_batched_over_all_prompts(tiny, method):
+    _cfg, ctx, counter, prompts, _ids, _records = run_strategy(tiny, method)
+    # Fresh rounds: 5 + 4 + 3 samples at most (12); then one localisation call (SRPO) and one continuation call.
+    assert len(counter.calls) <= 3 + (2 if method == "srpo" else 1)
+    assert counter.calls[0] == (len(prompts), 5)
+    continuation_call = counter.calls[-1]
+    assert continuation_call == (ctx.stats["resets"], 4)
+    if method == "srpo":
+        assert counter.calls[-2] == (ctx.stats["resets"], 1)
+        assert ctx.stats["localisations"] == ctx.stats["resets"]
+
+
+def test_g2_continues_from_the_parents_prefix_and_trains_on_the_suffix_only(tiny):
+    _cfg, ctx, _counter, _prompts, ids, records = run_strategy(tiny, "rrpo")
+    g2 = [r for r in records if "/g2." in r.group_id]
+    assert g2 and len(g2) == 4 * ctx.stats["resets"]
+    for group_id in {r.group_id for r in g2}:
+        members = [r for r in g2 if r.group_id == group_id]
+        # The four continuations share one context: prompt + the parent's steps 1..k-1.
+        first_trained = [int(np.argmax(r.loss_mask)) for r in members]
+        assert len(set(first_trained)) == 1
+        context_length = first_trained[0]
+        assert len({tuple(r.token_ids[:context_length]) for r in members}) == 1
+        for r in members:
+            assert r.loss_mask[:context_length].sum() == 0 and r.loss_mask[context_length:].all()
+            assert (r.advantages[:context_length] == 0).all()
+            assert (r.behaviour_logprobs[context_length:] < 0).all()
+        # z-scored within G2 alone: the advantages sum to zero (or are all zero when the rewards are equal).
+        advantages = np.array([r.advantages[-1] for r in members])
+        assert abs(advantages.sum()) < 1e-4
+    assert any(int(np.argmax(r.loss_mask)) > r.prompt_length for r in g2)  # some resets had a non-empty prefix
+
+
+def test_g1_trains_on_the_whole_response_and_is_z_scored_alone(tiny):
+    _cfg, _ctx, _counter, _prompts, _ids, records = run_strategy(tiny, "rrpo")
+    g1 = [r for r in records if r.group_id.endswith("/g1")]
+    for group_id in {r.group_id for r in g1}:
+        members = [r for r in g1 if r.group_id == group_id]
+        assert len(members) == 4
+        for r in members:
+            assert r.loss_mask[: r.prompt_length].sum() == 0 and r.loss_mask[r.prompt_length :].all()
+            assert r.step_boundaries and r.step_boundaries[0] == r.prompt_length
+        rewards = np.array([r.reward for r in members])
+        advantages = np.array([r.advantages[-1] for r in members])
+        if rewards.std() == 0:
+            assert (advantages == 0).all()
+        else:
+            expected = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-6)
+            assert np.allclose(advantages, expected, atol=1e-4)
