@@ -122,7 +122,10 @@ def test_steps_publish_new_weights_then_ack(make_learner, redis_client, tiny_mod
     push(redis_client, "t", group_of_four(policy_version=1, seed=1))
     metrics = learner.train_step(timeout_s=60)
     assert metrics["step"] == 2 and learner.channel.latest()[0] == 2
-    assert read_stats(redis_client, RunKeys("t")) == {"samples_trained": 8, "learner_steps": 2}
+    stats = read_stats(redis_client, RunKeys("t"))
+    assert stats["samples_trained"] == 8 and stats["learner_steps"] == 2
+    assert stats["tokens_trained"] == 8 * RESPONSE_LEN  # every response token of the two steps
+    assert stats["records_trained_suffix_only"] == 0  # GRPO records train on the whole response
     assert_queue_drained(redis_client)
 
 
