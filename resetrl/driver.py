@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,8 +27,8 @@ from resetrl.data import build_prompts
 from resetrl.metrics import MetricsSink, derived_rates
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
-from resetrl.record import PromptRecord, encode_prompt
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.record import PromptRecord, WireFormatError, decode_experience, decode_prompt, encode_prompt
+from resetrl.redis_server import EmbeddedRedis, free_port
 from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, read_stats, request_stop
 
 log = logging.getLogger(__name__)
@@ -51,21 +52,26 @@ class PromptFeeder:
     queue: StreamQueue
     prompts: list[PromptRecord]
     fed: int = 0
+    cursor_key: str | None = None  # where `fed` is kept in Redis, for a resumed run
+
+    def prompt_id(self, index: int) -> str:
+        return f"{self.prompts[index % len(self.prompts)].prompt_id}.e{index // len(self.prompts)}"
 
     def feed_until(self, target: int) -> int:
         payloads = []
         while self.fed + len(payloads) < target:
             index = self.fed + len(payloads)
             base = self.prompts[index % len(self.prompts)]
-            epoch = index // len(self.prompts)
             prompt = PromptRecord(
-                prompt_id=f"{base.prompt_id}.e{epoch}", question=base.question, answer=base.answer,
+                prompt_id=self.prompt_id(index), question=base.question, answer=base.answer,
                 task=base.task, metadata=base.metadata,
             )
             payloads.append(encode_prompt(prompt))
         if payloads:
             self.queue.put_many(payloads)
             self.fed += len(payloads)
+            if self.cursor_key:
+                self.queue.client.set(self.cursor_key, self.fed)
         return len(payloads)
 
 
@@ -80,6 +86,7 @@ class RunServices:
     learner: object | None = None
     client: object | None = None
     keys: RunKeys | None = None
+    adopted_redis: str | None = None  # URL of the embedded redis-server a dead driver left running (resume)
 
 
 def _weights_root(cfg: RunConfig) -> Path:
@@ -99,15 +106,30 @@ def _start_ray(cfg: RunConfig, services: RunServices) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        dashboard_port = cfg.ray.dashboard_port
+        if cfg.ray.include_dashboard and not _port_is_free(cfg.ray.dashboard_host, dashboard_port):
+            # Another local Ray (or anything else) holds the port: a second job on the machine should still start.
+            dashboard_port = free_port()
+            console.log(f"dashboard port {cfg.ray.dashboard_port} is taken; this run's dashboard: "
+                        f"http://{cfg.ray.dashboard_host}:{dashboard_port}")
         ray.init(
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.dashboard_host,
-            dashboard_port=cfg.ray.dashboard_port,
+            dashboard_port=dashboard_port,
             runtime_env=runtime_env,
             log_to_driver=True,
         )
         services.started_ray = True
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _reset_run_keys(client, keys: RunKeys) -> None:
@@ -139,7 +161,8 @@ def _status_line(step_metrics: dict | None, stats: dict, depth: int, version: in
     return line if reset_rate is None else f"{line} | resets {reset_rate:.0%}"
 
 
-def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
+def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool = False) -> dict:
+    """Run a job; with resume=True continue the run in cfg.run_path (checkpoint, queues, counters) instead."""
     from resetrl.actors.rollout_actor import RolloutActor
     from resetrl.learner.learner import Learner
 
@@ -155,12 +178,25 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
         model_path = str(resolve_model(cfg.model))
         if cfg.queue.redis_url:
             redis_url = cfg.queue.redis_url
+        elif resume and (alive := _live_run_redis(run_dir)):
+            redis_url = services.adopted_redis = alive  # the dead driver's embedded redis is still up: adopt it
         else:
+            if resume and not cfg.queue.durable:
+                log.warning("resume without queue.durable: the embedded Redis kept nothing; unacked experience "
+                            "of the previous run is lost, training continues from the checkpoint")
+            # With AOF on, the same data dir brings back the streams, groups and counters of the previous run.
             services.redis = EmbeddedRedis(run_dir / "redis", durable=cfg.queue.durable).start()
             redis_url = services.redis.url
         client = services.client = connect(redis_url)
         services.keys = keys
-        _reset_run_keys(client, keys)
+        if resume:
+            # Keep streams, pending entries and counters; forget the stop flag and the published weights (the
+            # learner republishes its checkpoint's, which may be older than the last ones published).
+            client.delete(keys.stop, keys.weights, keys.learner_version)
+        else:
+            _reset_run_keys(client, keys)
+            # Checkpoints of an earlier run in this dir no longer match its (just wiped) queues and counters.
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         prompt_queue = StreamQueue(client, keys.prompts, PROMPT_GROUP, "driver")
         experience_queue = StreamQueue(client, keys.experience, EXPERIENCE_GROUP, "driver")
         prompt_queue.ensure_group()
@@ -173,7 +209,9 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
         services.weights_root = _weights_root(cfg)
         services.weights_root.mkdir(parents=True, exist_ok=True)
         learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus)
-        services.learner = learner_cls.remote(cfg, model_path, redis_url, str(services.weights_root))
+        services.learner = learner_cls.remote(cfg, model_path, redis_url, str(services.weights_root), resume=resume)
+        if resume:  # actors must start from the checkpoint's weights, which the learner publishes as it loads
+            ray.get(services.learner.policy_version.remote())
         actor_cls = ray.remote(RolloutActor).options(
             num_cpus=cfg.rollout.cpus_per_worker,
             num_gpus=cfg.rollout.gpus_per_worker,
@@ -185,13 +223,22 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None) -> dict:
             for index in range(cfg.rollout.num_workers)
         ]
         engine_names = ray.get([actor.engine_name.remote() for actor in services.actors])
-        ray.get(services.learner.policy_version.remote())
+        start_step = ray.get(services.learner.policy_version.remote())
+        # Process ids, for `resetrl status` and the fault tests (tests/faults) that kill them. Asked before run():
+        # an actor runs one task at a time, so a pid() queued behind its endless run() would never return.
+        pids = {"learner_pid": ray.get(services.learner.pid.remote()),
+                "actor_pids": ray.get([actor.pid.remote() for actor in services.actors])}
+        (run_dir / "run.json").write_text(json.dumps({"run_name": cfg.run_name, "redis_url": redis_url, **pids}))
         actor_runs = [actor.run.remote() for actor in services.actors]
 
-        summary = _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs)
+        summary = _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs,
+                              start_step=start_step)
         summary["engine"] = engine_names[0]
+        summary["resumed_from_step"] = start_step if resume else None
         request_stop(client, keys)
         ray.get(actor_runs, timeout=120)
+        accounting = ray.get(services.learner.finish.remote())  # last checkpoint, every trained entry acked
+        summary.update(_prompt_accounting(client, keys, prompts, accounting, read_stats(client, keys)))
         stats = read_stats(client, keys)
         summary.update(
             samples_generated=int(stats.get("samples_generated", 0)),
@@ -230,10 +277,18 @@ def _feed_target(cfg: RunConfig, step: int, stats: dict, starved_batches: int) -
     return window + int(stats.get("prompts_without_records", 0)) + stale_prompts + starved_batches * per_step
 
 
-def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs) -> dict:
-    feeder = PromptFeeder(prompt_queue, prompts)
+def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs,
+                start_step: int = 0) -> dict:
+    # The data cursor lives in Redis (keys.prompts_fed): a resumed run goes on where the previous one stopped.
+    feeder = PromptFeeder(prompt_queue, prompts, fed=int(client.get(keys.prompts_fed) or 0), cursor_key=keys.prompts_fed)
     rewards: list[float] = []
-    step, version, last_metrics, starved_batches = 0, 0, None, 0
+    # Per trained step, for bench/ (async overlap, algorithm curves): loop time at its end, the learner's train
+    # seconds, and the tokens generated so far.
+    step_end_seconds: list[float] = []
+    learner_train_seconds: list[float] = []
+    tokens_generated_curve: list[int] = []
+    generate_seconds_curve: list[float] = []  # the actors' summed generate_seconds counter
+    step, version, last_metrics, starved_batches = start_step, start_step, None, 0
     loop_started = time.monotonic()
     view = _ProgressView(cfg.total_steps)
     with view.progress:
@@ -259,6 +314,10 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
             rewards.append(metrics["reward_mean"])
             stats = read_stats(client, keys)
             elapsed = time.monotonic() - loop_started
+            step_end_seconds.append(round(elapsed, 3))
+            learner_train_seconds.append(round(metrics.get("train_seconds", 0.0), 3))
+            tokens_generated_curve.append(int(stats.get("tokens_generated", 0)))
+            generate_seconds_curve.append(round(float(stats.get("generate_seconds", 0.0)), 3))
             scalars = {
                 **metrics,
                 **derived_rates(stats),
@@ -282,6 +341,10 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
         "reward_curve": rewards,
         "train_loop_seconds": round(time.monotonic() - loop_started, 2),
         "prompts_fed": feeder.fed,
+        "step_end_seconds": step_end_seconds,
+        "learner_train_seconds": learner_train_seconds,
+        "tokens_generated_curve": tokens_generated_curve,
+        "generate_seconds_curve": generate_seconds_curve,
     }
 
 
@@ -338,5 +401,69 @@ def _shutdown(services: RunServices) -> None:
         ray.shutdown()
     if services.redis is not None:
         services.redis.stop()
+    if services.adopted_redis:
+        _shutdown_redis(services.adopted_redis)
     if services.weights_root is not None:
         shutil.rmtree(services.weights_root.parent, ignore_errors=True)
+
+
+def _live_run_redis(run_dir: Path) -> str | None:
+    """The URL of the run's embedded redis-server if it still answers (its driver died without stopping it)."""
+    import redis
+
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        return None
+    url = json.loads(info_path.read_text()).get("redis_url")
+    if not url:
+        return None
+    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        probe.ping()
+        return url
+    except redis.RedisError:
+        return None
+    finally:
+        probe.close()
+
+
+def _shutdown_redis(url: str) -> None:
+    import redis
+
+    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        probe.shutdown()  # AOF (when on) is flushed first
+    except redis.RedisError:
+        pass
+    finally:
+        probe.close()
+
+
+def _prompt_accounting(client, keys: RunKeys, prompts: list[PromptRecord], learner_accounting: dict, stats: dict) -> dict:
+    """Where every fed prompt went: trained, dropped as stale, still queued (prompts or experience), or lost.
+
+    prompts_lost = fed prompt ids found nowhere, less the prompts that legitimately produced no records
+    (dynamic sampling drops whole groups); it must be 0. duplicates_trained comes from the learner: records
+    trained more than once in the final model's history; it must be 0.
+    """
+    feeder = PromptFeeder(None, prompts)
+    fed = int(client.get(keys.prompts_fed) or 0)
+    accounted = set(learner_accounting["trained_prompt_ids"])
+    accounted |= {member.decode() for member in client.smembers(keys.prompts_dropped_stale)}
+    for stream, decode in ((keys.prompts, decode_prompt), (keys.experience, decode_experience)):
+        for _entry_id, fields in client.xrange(stream):
+            try:
+                accounted.add(decode(fields.get(b"r", b"")).prompt_id)
+            except WireFormatError:
+                pass
+    unaccounted = [feeder.prompt_id(index) for index in range(fed) if feeder.prompt_id(index) not in accounted]
+    return {
+        "prompts_fed": fed,
+        "prompts_trained": len(learner_accounting["trained_prompt_ids"]),
+        "prompts_unaccounted": len(unaccounted),
+        "prompts_lost": max(0, len(unaccounted) - int(stats.get("prompts_without_records", 0))),
+        "duplicates_trained": learner_accounting["duplicates_trained"],
+        "duplicates_dropped": learner_accounting["duplicates_dropped"],
+        "records_dead_lettered": int(client.xlen(f"{keys.experience}:dead")),
+        "prompts_dead_lettered": int(client.xlen(f"{keys.prompts}:dead")),
+    }

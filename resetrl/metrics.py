@@ -32,6 +32,13 @@ DRIVER_SCALARS = {
     "g2_success_rate": "continuations from a reset that succeeded / continuations",
     "tokens_per_trained_token": "generated tokens (parents, localisations, fresh, continuations) / trained tokens",
     "reward_mean_rollout": "mean reward of everything scored (all samples, since the start)",
+    "srl_malformed_rate": "SRL answers without a step after </think> / SRL answers",
+    "srl_similarity_mean": "SRL: mean similarity of well-formed steps to the expert step",
+    "srl_instance_keep_rate": "SRL instances kept by dynamic sampling / instances",
+    "superrl_sft_fraction": "SuperRL prompts trained on the expert solution (gate c = 0) / prompts",
+    "repair_success_rate": "repairs the verifier accepted / repairs attempted",
+    "repair_trained_token_fraction": "repair tokens inside the trained diff spans / tokens of accepted repairs",
+    "sft_loss": "learner NLL of supervised targets (expert solutions, repairs)",
 }
 
 
@@ -53,6 +60,12 @@ def derived_rates(stats: dict) -> dict[str, float | None]:
         "g2_success_rate": _ratio(get("g2_successes"), get("g2_samples")),
         "tokens_per_trained_token": _ratio(get("tokens_generated"), get("tokens_trained")),
         "reward_mean_rollout": _ratio(get("reward_sum"), get("rewards_scored")),
+        "srl_malformed_rate": _ratio(get("srl_malformed"), get("srl_samples")),
+        "srl_similarity_mean": _ratio(get("srl_similarity_sum"), get("srl_samples") - get("srl_malformed")),
+        "srl_instance_keep_rate": _ratio(get("srl_instances") - get("srl_instances_dropped"), get("srl_instances")),
+        "superrl_sft_fraction": _ratio(get("superrl_sft_prompts"), get("superrl_prompts")),
+        "repair_success_rate": _ratio(get("repairs_accepted"), get("repairs_attempted")),
+        "repair_trained_token_fraction": _ratio(get("repair_tokens_trained"), get("repair_tokens")),
     }
 
 

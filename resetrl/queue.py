@@ -80,6 +80,41 @@ class StreamQueue:
         pipe.xdel(self.stream, *entry_ids)
         pipe.execute()
 
+    @property
+    def dead_stream(self) -> str:
+        return f"{self.stream}:dead"
+
+    def dead_letter(self, entries: list[StreamEntry], reasons: list[str], max_len: int = 10_000) -> None:
+        """Move entries that can never be used (wrong format version, corrupt bytes) to `<stream>:dead`.
+
+        Each is copied there with its reason, source id and consumer, then acknowledged and deleted, in one
+        transaction: a poison entry is kept for a person to inspect, never redelivered, never lost. The dead
+        stream is capped (approximately) at max_len entries so a flood of garbage cannot fill Redis.
+        """
+        if not entries:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for entry, reason in zip(entries, reasons):
+            pipe.xadd(
+                self.dead_stream,
+                {PAYLOAD_FIELD: entry.payload, b"reason": reason.encode("utf-8", "replace")[:1000],
+                 b"source_id": entry.entry_id.encode(), b"consumer": self.consumer.encode()},
+                maxlen=max_len, approximate=True,
+            )
+        ids = [entry.entry_id for entry in entries]
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xdel(self.stream, *ids)
+        pipe.execute()
+
+    def dead_letters(self, count: int = 100) -> list[dict]:
+        """The newest dead-lettered entries, oldest first: {reason, source_id, consumer, payload}."""
+        items = self.client.xrevrange(self.dead_stream, count=count)
+        return [
+            {"reason": f.get(b"reason", b"").decode(), "source_id": f.get(b"source_id", b"").decode(),
+             "consumer": f.get(b"consumer", b"").decode(), "payload": f.get(PAYLOAD_FIELD, b"")}
+            for _id, f in reversed(items)
+        ]
+
     def reclaim(self, min_idle_ms: int, count: int = 100) -> list[StreamEntry]:
         """Take over entries other consumers have held unacknowledged for at least min_idle_ms."""
         reply = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, "0-0", count=count)

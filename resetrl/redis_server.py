@@ -48,8 +48,9 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 20.0) -> "EmbeddedRedis":
+        """Start the server; a restart (start after stop) keeps the port, so clients reconnect to the same URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()
         args = [
             find_redis_server(),
             "--port", str(self.port),
@@ -81,6 +82,13 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         client.close()
         return self
+
+    def kill(self) -> None:
+        """SIGKILL, no shutdown: what a crash or an OOM kill does (fault tests). start() brings it back."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
 
     def stop(self) -> None:
         if self.process is None:

@@ -47,6 +47,16 @@ class RunKeys:
     def learner_version(self) -> str:
         return f"{self.prefix}:learner_version"
 
+    @property
+    def prompts_dropped_stale(self) -> str:
+        """A set of the prompt ids whose records the learner dropped as stale (for the accounting)."""
+        return f"{self.prefix}:prompts_dropped_stale"
+
+    @property
+    def prompts_fed(self) -> str:
+        """How many prompts the driver has fed: the data cursor a resumed driver continues from."""
+        return f"{self.prefix}:prompts_fed"
+
 
 def incr_stats(client: redis.Redis, keys: RunKeys, **amounts: float) -> None:
     pipe = client.pipeline(transaction=False)

@@ -5,6 +5,7 @@ Register one with `@register("name")`; look it up with `get_verifier(name)` (the
 `algorithm.verifier` of the run config). Importing this package registers the built-in verifiers:
     "math"           final answer (\\boxed{} or `Answer: X`) compared with math-verify, plus a numeric fallback
     "reasoning_gym"  same answer extraction, scored by reasoning-gym's own scorer for the prompt's task
+    "code"           the response's Python run against the prompt's tests in a sandboxed subprocess
 """
 
 from __future__ import annotations
@@ -42,4 +43,4 @@ def get_verifier(name: str) -> Verifier:
 
 
 # Imported for their @register side effect; at the bottom because they import `register` from here.
-from resetrl.verifiers import math_answer, reasoning_gym_score  # noqa: E402,F401
+from resetrl.verifiers import code_sandbox, math_answer, reasoning_gym_score  # noqa: E402,F401

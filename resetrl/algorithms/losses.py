@@ -167,6 +167,17 @@ def pg_loss(
     return loss, stats
 
 
+def supervised_loss(logprobs: Tensor, weights: Tensor, loss_mask: Tensor) -> Tensor:
+    """Weighted NLL of target tokens, token-mean over loss_mask:  l = -w_t * log p(token_t).
+
+    For text the policy did not sample under this context: an expert solution (SuperRL's L_SFT, w = 1: the mean
+    token NLL, arXiv 2506.01096) or a repaired trajectory reused as a positive sample (IOP, w = its advantage).
+    There is no behaviour log-prob to form an importance ratio with, so none is used: at w = 1 this is plain SFT.
+    Tensors are [B, T-1] and next-token aligned like the policy losses.
+    """
+    return aggregate(-weights * logprobs, loss_mask, "token_mean")
+
+
 # name -> policy loss with the signature of ppo_clip_loss
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
     "ppo_clip": ppo_clip_loss,
