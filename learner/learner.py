@@ -53,10 +53,31 @@ def _init_single_process_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         return  # a second Learner in the same process (tests) shares the group
+    _forget_destroyed_deepspeed_groups()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _forget_destroyed_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups in module globals. If the default group was destroyed after an earlier
+    init in this process (vLLM's engine cleanup does that when both share a process, as in the test suite), those
+    caches point at dead groups and deepspeed.initialize fails with 'Group ... is not registered': drop them."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups as ds_groups
+
+    if ds_comm.cdb is None:
+        return  # never initialised in this process: nothing cached
+    ds_comm.cdb = None
+    ds_groups.mpu = None
+    for name, value in list(vars(ds_groups).items()):
+        if not (name.startswith("_") and name.isupper()):
+            continue
+        if isinstance(value, dict):
+            value.clear()
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            setattr(ds_groups, name, None)
 
 
 class Learner:
