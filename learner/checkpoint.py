@@ -4,7 +4,8 @@ A checkpoint is the folder `RUN_DIR/checkpoints/step-{step:08d}/`:
     state/                DeepSpeed's own files: model, optimizer (ZeRO partitions), its step counters
     learner_state.json    policy version, the ids of every record trained (dedupe on replay), the learner's
                           counters at that step, trained prompt ids
-    rng.pt                Python, NumPy, torch (and CUDA) RNG states
+    rng.safetensors       torch (and CUDA) RNG states, NumPy's and Python's state vectors
+    rng.json              the scalar parts of the NumPy and Python RNG states
 It is written under a temporary name in the same folder and renamed when complete (a rename is atomic on one
 file system), so a learner killed mid-write leaves a `.tmp-*` folder that is ignored and removed later, never a
 half checkpoint that `latest_checkpoint` would pick. Only the newest `keep` checkpoints are kept.
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 ENGINE_TAG = "state"
+RNG_TENSORS, RNG_SCALARS = "rng.safetensors", "rng.json"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -41,19 +44,35 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return checkpoint_dir(root, max(steps)) if steps else None
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def save_rng_state(folder: Path) -> None:
+    """RNG states as safetensors (the state tensors) + JSON (the scalars): no pickle, even for our own files."""
+    numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(numpy_keys, dtype=np.uint32).astype(np.int64)),
+        "python_internal": torch.tensor(python_internal, dtype=torch.int64),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(folder / RNG_TENSORS))
+    scalars = {"numpy": [numpy_kind, int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)],
+               "python": [python_version, python_gauss]}
+    (folder / RNG_SCALARS).write_text(json.dumps(scalars))
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(folder: Path) -> None:
+    tensors = load_file(str(folder / RNG_TENSORS))
+    scalars = json.loads((folder / RNG_SCALARS).read_text())
+    python_version, python_gauss = scalars["python"]
+    random.setstate((python_version, tuple(tensors["python_internal"].tolist()), python_gauss))
+    numpy_kind, numpy_pos, numpy_has_gauss, numpy_gauss = scalars["numpy"]
+    np.random.set_state((numpy_kind, tensors["numpy_keys"].numpy().astype(np.uint32), numpy_pos, numpy_has_gauss,
+                         numpy_gauss))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(sum(name.startswith("cuda_") for name in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(engine, root: str | Path, step: int, learner_state: dict, keep: int = 2) -> Path:
@@ -65,7 +84,7 @@ def save_checkpoint(engine, root: str | Path, step: int, learner_state: dict, ke
     try:
         engine.save_checkpoint(str(staging), tag=ENGINE_TAG, save_latest=False)
         (staging / "learner_state.json").write_text(json.dumps(learner_state))
-        torch.save(rng_state(), staging / "rng.pt")
+        save_rng_state(staging)
         _fsync_tree(staging)
         if final.exists():  # the same step written again (a resumed learner re-reaching it)
             shutil.rmtree(final)
@@ -85,8 +104,7 @@ def load_checkpoint(engine, path: str | Path) -> dict:
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    # Our own file, written by save_checkpoint above (RNG states hold NumPy arrays and tuples).
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    load_rng_state(path)
     return json.loads((path / "learner_state.json").read_text())
 
 
