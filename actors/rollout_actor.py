@@ -183,10 +183,8 @@ class RolloutActor:
         if records:
             self.experience.put_many([encode_experience(record) for record in records])
         self.prompts.ack(good_ids)
-        # Python ints go through HINCRBY, anything else through HINCRBYFLOAT. HINCRBY on a field that already holds
-        # a fraction fails ("hash value is not an integer"), so a float sum stays a float even when it is whole
-        # (reward_sum of [1.0, 1.0]), and a zero (sum([]) is the int 0) is not sent at all.
-        counters = {name: v if isinstance(v, int) else float(v) for name, v in ctx.stats.items() if v}
+        # Zeros are not sent: a counter appears in the run's stats once something happened.
+        counters = {name: value for name, value in ctx.stats.items() if value}
         incr_stats(
             self.client, self.keys, prompts_done=len(prompts), samples_generated=len(records),
             generate_seconds=generate_seconds, **counters,

@@ -59,12 +59,11 @@ class RunKeys:
 
 
 def incr_stats(client: redis.Redis, keys: RunKeys, **amounts: float) -> None:
+    # HINCRBYFLOAT for every counter: it also adds to a field holding an integer, whereas HINCRBY fails on one
+    # that ever received a fraction (read_stats turns whole values back into ints).
     pipe = client.pipeline(transaction=False)
     for name, amount in amounts.items():
-        if isinstance(amount, int):
-            pipe.hincrby(keys.stats, name, amount)
-        else:
-            pipe.hincrbyfloat(keys.stats, name, amount)
+        pipe.hincrbyfloat(keys.stats, name, float(amount))
     pipe.execute()
 
 
