@@ -49,3 +49,45 @@ def redis_client(redis_server):
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama with a 300-token vocabulary (the learner tests' VOCAB), saved as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+class CallCounter:
+    """A real engine with its generate() calls recorded as (number of prompts, n): to check that stages are batched."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts_token_ids, n, sampling):
+        self.calls.append((len(prompts_token_ids), n))
+        return self.engine.generate(prompts_token_ids, n, sampling)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    """(HF engine, tokenizer) on the tiny random Llama with SmolLM2's tokenizer; one engine per test module."""
+    from transformers import AutoTokenizer
+
+    from resetrl.actors.engines import make_engine
+    from resetrl.config import ModelConfig
+    from resetrl.models import resolve_model
+
+    path = resolve_model(ModelConfig(name="tiny-llama"))
+    engine = make_engine("hf", str(path), seed=0)
+    yield engine, AutoTokenizer.from_pretrained(path)
+    engine.close()

@@ -1,4 +1,4 @@
-"""The SRL, SuperRL and repair rollout strategies on a real engine (HF, tiny random Llama) and tokenizer.
+"""The SRL, SuperRL and repair rollout strategies on a real engine (HF, tiny_hf random Llama) and tokenizer.
 
 As in test_reset_rollout.py the verifier is a rule of the test's own (reward 1 when the response has an even
 number of words), so groups mix successes and failures. No Ray, no Redis: strategies are plain code.
@@ -9,41 +9,23 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pytest
-from transformers import AutoTokenizer
 
-from resetrl.actors.engines import SamplingSettings, make_engine
+from resetrl.actors.engines import SamplingSettings
 from resetrl.actors.repair_rollout import repair_rollout
 from resetrl.actors.srl_rollout import srl_rollout
 from resetrl.actors.superrl_rollout import superrl_rollout
 from resetrl.actors.trajectories import RolloutContext
-from resetrl.config import ModelConfig, config_from_dict
+from resetrl.config import config_from_dict
 from resetrl.data import render_prompt
-from resetrl.models import resolve_model
 from resetrl.record import PromptRecord
+
+from conftest import CallCounter  # noqa: E402  (tests/conftest.py: the real engine, calls recorded)
 
 STEPS = ["Add 2 and 3 to get 5.", "Multiply 5 by 4 to get 20.", "Subtract 1 to get 19."]
 
 
-class CallCounter:
-    def __init__(self, engine):
-        self.engine, self.calls = engine, []
-
-    def generate(self, prompts_token_ids, n, sampling):
-        self.calls.append((len(prompts_token_ids), n))
-        return self.engine.generate(prompts_token_ids, n, sampling)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    path = resolve_model(ModelConfig(name="tiny-llama"))
-    engine = make_engine("hf", str(path), seed=0)
-    yield engine, AutoTokenizer.from_pretrained(path)
-    engine.close()
-
-
-def run(tiny, strategy, algorithm: dict, verify=None, policy_version=3, with_steps=(True, True, False)):
-    engine, tokenizer = tiny
+def run(tiny_hf, strategy, algorithm: dict, verify=None, policy_version=3, with_steps=(True, True, False)):
+    engine, tokenizer = tiny_hf
     cfg = config_from_dict({"algorithm": algorithm, "rollout": {"max_new_tokens": 10, "group_size": 4}})
     counter = CallCounter(engine)
     verify = verify or (lambda text, prompt: float(len(text.split()) % 2 == 0))
@@ -56,9 +38,9 @@ def run(tiny, strategy, algorithm: dict, verify=None, policy_version=3, with_ste
     return cfg, ctx, counter, prompts, ids, records
 
 
-def test_srl_samples_every_instance_in_one_call_and_scores_similarity(tiny):
+def test_srl_samples_every_instance_in_one_call_and_scores_similarity(tiny_hf):
     algorithm = {"name": "srl", "srl": {"dynamic_sampling": False, "require_think": False, "instances_per_prompt": 2}}
-    cfg, ctx, counter, prompts, ids, records = run(tiny, srl_rollout, algorithm)
+    cfg, ctx, counter, prompts, ids, records = run(tiny_hf, srl_rollout, algorithm)
     # 2 prompts with 3 expert steps -> 2 instances each, one call; the prompt without steps gets a GRPO group.
     assert counter.calls == [(4, 4), (1, 4)]
     srl = [r for r in records if r.method == "srl"]
@@ -66,12 +48,12 @@ def test_srl_samples_every_instance_in_one_call_and_scores_similarity(tiny):
     assert all(0.0 <= r.reward <= 1.0 for r in srl)  # no </think> required: every answer is well-formed
     for r in srl:  # the instance prompt (problem + expert steps so far) is the context, not trained on
         assert r.loss_mask[: r.prompt_length].sum() == 0 and r.loss_mask[r.prompt_length:].all()
-    assert "Add 2 and 3 to get 5." in tiny[1].decode(srl[0].token_ids[: srl[0].prompt_length])
+    assert "Add 2 and 3 to get 5." in tiny_hf[1].decode(srl[0].token_ids[: srl[0].prompt_length])
     assert ctx.stats["srl_prompts_without_expert"] == 1 and ctx.stats["srl_instances"] == 4
 
 
-def test_srl_marks_answers_without_think_malformed_and_drops_instances_without_signal(tiny):
-    cfg, ctx, _, _, _, records = run(tiny, srl_rollout, {"name": "srl"}, with_steps=(True, True))
+def test_srl_marks_answers_without_think_malformed_and_drops_instances_without_signal(tiny_hf):
+    cfg, ctx, _, _, _, records = run(tiny_hf, srl_rollout, {"name": "srl"}, with_steps=(True, True))
     # The random model never writes </think>: every reward is -1, every instance has std 0 and is dropped.
     assert records == []
     assert ctx.stats["srl_malformed"] == ctx.stats["srl_samples"] == 16
@@ -79,23 +61,23 @@ def test_srl_marks_answers_without_think_malformed_and_drops_instances_without_s
     assert ctx.stats["prompts_without_records"] == 2  # the driver feeds replacements
 
 
-def test_srl_then_rlvr_switches_to_the_outcome_verifier_at_the_configured_version(tiny):
+def test_srl_then_rlvr_switches_to_the_outcome_verifier_at_the_configured_version(tiny_hf):
     algorithm = {"name": "srl", "srl": {"curriculum": "srl_then_rlvr", "switch_after_steps": 3}}
-    _, ctx, counter, _, _, records = run(tiny, srl_rollout, algorithm, policy_version=3)
+    _, ctx, counter, _, _, records = run(tiny_hf, srl_rollout, algorithm, policy_version=3)
     assert counter.calls == [(3, 4)] and {r.method for r in records} == {"grpo"}
     assert ctx.stats["srl_rlvr_prompts"] == 3
-    _, ctx, _, _, _, _ = run(tiny, srl_rollout, {**algorithm, "srl": {**algorithm["srl"], "require_think": False}},
+    _, ctx, _, _, _, _ = run(tiny_hf, srl_rollout, {**algorithm, "srl": {**algorithm["srl"], "require_think": False}},
                              policy_version=2)
     assert ctx.stats["srl_rlvr_prompts"] == 0 and ctx.stats["srl_instances"] == 4
 
 
-def test_superrl_sends_the_expert_solution_when_no_rollout_succeeds(tiny):
-    _, ctx, counter, prompts, ids, records = run(tiny, superrl_rollout, {"name": "superrl"}, verify=lambda t, p: 0.0)
+def test_superrl_sends_the_expert_solution_when_no_rollout_succeeds(tiny_hf):
+    _, ctx, counter, prompts, ids, records = run(tiny_hf, superrl_rollout, {"name": "superrl"}, verify=lambda t, p: 0.0)
     assert counter.calls == [(3, 4)]
     sft = [r for r in records if r.method == "superrl-sft"]
     assert [r.prompt_id for r in sft] == ["p0", "p1"]  # p2 has no expert solution: keeps its PG group
     assert ctx.stats["superrl_sft_prompts"] == 2 and ctx.stats["superrl_prompts_without_expert"] == 1
-    tokenizer = tiny[1]
+    tokenizer = tiny_hf[1]
     for r in sft:
         assert r.prompt_length == len(ids[0]) and list(r.token_ids[: r.prompt_length]) == ids[int(r.prompt_id[1])]
         assert np.array_equal(r.target_token_ids, r.token_ids[r.prompt_length:])
@@ -106,20 +88,20 @@ def test_superrl_sends_the_expert_solution_when_no_rollout_succeeds(tiny):
     assert len([r for r in records if r.method == "superrl"]) == 4
 
 
-def test_superrl_trains_pg_when_a_rollout_succeeds(tiny):
-    _, ctx, _, _, _, records = run(tiny, superrl_rollout, {"name": "superrl"}, verify=lambda t, p: 1.0)
+def test_superrl_trains_pg_when_a_rollout_succeeds(tiny_hf):
+    _, ctx, _, _, _, records = run(tiny_hf, superrl_rollout, {"name": "superrl"}, verify=lambda t, p: 1.0)
     assert {r.method for r in records} == {"superrl"} and len(records) == 12
     assert ctx.stats["superrl_sft_prompts"] == 0 and ctx.stats["superrl_prompts"] == 3
 
 
-def test_repair_sends_failures_back_in_one_call_and_gates_accepted_repairs_to_the_diff(tiny):
+def test_repair_sends_failures_back_in_one_call_and_gates_accepted_repairs_to_the_diff(tiny_hf):
     calls = {"n": 0}
 
     def verify(text, prompt):  # the fresh samples fail, the repairs (scored after the first 12) succeed
         calls["n"] += 1
         return 0.0 if calls["n"] <= 12 else 1.0
 
-    _, ctx, counter, _, ids, records = run(tiny, repair_rollout, {"name": "repair", "repair": {"span_mode": "all"}},
+    _, ctx, counter, _, ids, records = run(tiny_hf, repair_rollout, {"name": "repair", "repair": {"span_mode": "all"}},
                                            verify=verify)
     assert counter.calls == [(3, 4), (3, 1)]  # G fresh per prompt, then every repair in one call
     assert ctx.stats["repairs_attempted"] == 3 and ctx.stats["repairs_accepted"] == 3

@@ -23,20 +23,6 @@ PROMPT_LEN, RESPONSE_LEN = 4, 8
 RECORDS_PER_STEP = 4  # prompts_per_step 2 x group_size 2
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 def make_config(run_name: str, learner: dict | None = None, algorithm: dict | None = None):
     return config_from_dict({
         "run_name": run_name,

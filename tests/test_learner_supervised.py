@@ -20,20 +20,6 @@ from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, read_stats
 VOCAB, PROMPT_LEN, RESPONSE_LEN = 300, 4, 8
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama-sft")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
 def make_learner(redis_server, redis_client, tiny_model_dir, tmp_path):
     learners = []

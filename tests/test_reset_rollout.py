@@ -1,4 +1,4 @@
-"""The RRPO/SRPO rollout strategy on a real engine (HF, tiny random Llama) and the real SmolLM2 tokenizer.
+"""The RRPO/SRPO rollout strategy on a real engine (HF, tiny_hf random Llama) and the real SmolLM2 tokenizer.
 
 The verifier is a rule of the test's own (reward 1 when the response has an even number of tokens), so fresh
 groups mix successes and failures and every branch of the strategy is taken. No Ray, no Redis: the strategy is
@@ -11,42 +11,23 @@ import random
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
-from resetrl.actors.engines import SamplingSettings, make_engine
+from resetrl.actors.engines import SamplingSettings
 from resetrl.actors.reset_rollout import reset_rollout
 from resetrl.actors.trajectories import RolloutContext
-from resetrl.config import ModelConfig, config_from_dict
+from resetrl.config import config_from_dict
 from resetrl.data import render_prompt
-from resetrl.models import resolve_model
 from resetrl.record import PromptRecord
 
-
-class CallCounter:
-    """The real engine, with its generate() calls counted (to check that stages are batched)."""
-
-    def __init__(self, engine):
-        self.engine, self.calls = engine, []
-
-    def generate(self, prompts_token_ids, n, sampling):
-        self.calls.append((len(prompts_token_ids), n))
-        return self.engine.generate(prompts_token_ids, n, sampling)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    path = resolve_model(ModelConfig(name="tiny-llama"))
-    engine = make_engine("hf", str(path), seed=0)
-    yield engine, AutoTokenizer.from_pretrained(path)
-    engine.close()
+from conftest import CallCounter  # noqa: E402  (tests/conftest.py: the real engine, calls recorded)
 
 
 def even_length_reward(text: str, prompt: PromptRecord) -> float:
     return float(len(text.split()) % 2 == 0)
 
 
-def run_strategy(tiny, method: str, num_prompts: int = 6):
-    engine, tokenizer = tiny
+def run_strategy(tiny_hf, method: str, num_prompts: int = 6):
+    engine, tokenizer = tiny_hf
     cfg = config_from_dict({
         "algorithm": {"name": method, "reset": {"step_delimiter": " "}},
         "rollout": {"max_new_tokens": 12},
@@ -61,8 +42,8 @@ def run_strategy(tiny, method: str, num_prompts: int = 6):
 
 
 @pytest.mark.parametrize("method", ["rrpo", "srpo"])
-def test_each_prompt_gets_g1_plus_g2_or_a_fallback_group_of_the_same_size(tiny, method):
-    cfg, ctx, counter, prompts, ids, records = run_strategy(tiny, method)
+def test_each_prompt_gets_g1_plus_g2_or_a_fallback_group_of_the_same_size(tiny_hf, method):
+    cfg, ctx, counter, prompts, ids, records = run_strategy(tiny_hf, method)
     for prompt in prompts:
         own = [r for r in records if r.prompt_id == prompt.prompt_id]
         assert len(own) == 8
@@ -72,8 +53,8 @@ def test_each_prompt_gets_g1_plus_g2_or_a_fallback_group_of_the_same_size(tiny, 
 
 
 @pytest.mark.parametrize("method", ["rrpo", "srpo"])
-def test_stages_are_batched_over_all_prompts(tiny, method):
-    _cfg, ctx, counter, prompts, _ids, _records = run_strategy(tiny, method)
+def test_stages_are_batched_over_all_prompts(tiny_hf, method):
+    _cfg, ctx, counter, prompts, _ids, _records = run_strategy(tiny_hf, method)
     # Fresh rounds: 5 + 4 + 3 samples at most (12); then one localisation call (SRPO) and one continuation call.
     assert len(counter.calls) <= 3 + (2 if method == "srpo" else 1)
     assert counter.calls[0] == (len(prompts), 5)
@@ -84,8 +65,8 @@ def test_stages_are_batched_over_all_prompts(tiny, method):
         assert ctx.stats["localisations"] == ctx.stats["resets"]
 
 
-def test_g2_continues_from_the_parents_prefix_and_trains_on_the_suffix_only(tiny):
-    _cfg, ctx, _counter, _prompts, ids, records = run_strategy(tiny, "rrpo")
+def test_g2_continues_from_the_parents_prefix_and_trains_on_the_suffix_only(tiny_hf):
+    _cfg, ctx, _counter, _prompts, ids, records = run_strategy(tiny_hf, "rrpo")
     g2 = [r for r in records if "/g2." in r.group_id]
     assert g2 and len(g2) == 4 * ctx.stats["resets"]
     for group_id in {r.group_id for r in g2}:
@@ -105,8 +86,8 @@ def test_g2_continues_from_the_parents_prefix_and_trains_on_the_suffix_only(tiny
     assert any(int(np.argmax(r.loss_mask)) > r.prompt_length for r in g2)  # some resets had a non-empty prefix
 
 
-def test_g1_trains_on_the_whole_response_and_is_z_scored_alone(tiny):
-    _cfg, _ctx, _counter, _prompts, _ids, records = run_strategy(tiny, "rrpo")
+def test_g1_trains_on_the_whole_response_and_is_z_scored_alone(tiny_hf):
+    _cfg, _ctx, _counter, _prompts, _ids, records = run_strategy(tiny_hf, "rrpo")
     g1 = [r for r in records if r.group_id.endswith("/g1")]
     for group_id in {r.group_id for r in g1}:
         members = [r for r in g1 if r.group_id == group_id]

@@ -10,7 +10,6 @@ test_kill_and_resume.py.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from resetrl.config import config_from_dict
@@ -21,20 +20,6 @@ from resetrl.record import ExperienceRecord, encode_experience
 from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, read_stats
 
 VOCAB, PROMPT_LEN, RESPONSE_LEN = 300, 4, 8
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def make_config(run_dir, checkpoint_every=2):
