@@ -232,6 +232,27 @@ class LearnerConfig(_Section):
     checkpoint_keep: int = Field(2, ge=1, description="newest checkpoints kept on disk")
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation: accuracy of the current policy on problems the run never trains on."""
+
+    holdout: int = Field(
+        0, ge=0, description="the last N problems of the data source are held out of training and evaluated "
+        "(0 = no evaluation); each is scored by algorithm.verifier"
+    )
+    every: int = Field(
+        0, ge=0, description="also evaluate every N learner steps, beside training (0 = only before the first step "
+        "and after the last); a point is skipped while the previous evaluation still runs"
+    )
+    samples: int = Field(1, ge=1, description="answers per problem; accuracy is their mean (mean@k)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.max_new_tokens")
+    cpus: float = Field(
+        0.0, ge=0, description="Ray CPUs reserved for the evaluator actor; 0 shares the run's CPUs (it is idle most "
+        "of the time)"
+    )
+    gpus: float = Field(0.0, ge=0, description="Ray GPUs of the evaluator actor (a vLLM engine on a GPU host needs some)")
+
+
 class QueueConfig(_Section):
     redis_url: str | None = Field(None, description="an existing Redis; None starts an embedded redis-server")
     durable: bool = Field(False, description="embedded redis: AOF with appendfsync everysec in the run dir")
@@ -256,6 +277,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
     queue: QueueConfig = QueueConfig()
     ray: RayConfig = RayConfig()
     tensorboard: bool = True

@@ -104,6 +104,18 @@ def build_prompts(cfg: DataConfig) -> list[PromptRecord]:
     return prompts
 
 
+def split_holdout(prompts: list[PromptRecord], holdout: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(training problems, held-out problems): the last `holdout` problems are never fed to training."""
+    if holdout == 0:
+        return prompts, []
+    if holdout >= len(prompts):
+        raise ValueError(
+            f"eval.holdout ({holdout}) must be smaller than the {len(prompts)} problems of the data source: lower "
+            "eval.holdout or raise data.size"
+        )
+    return prompts[:-holdout], prompts[-holdout:]
+
+
 # ---- expert solutions ------------------------------------------------------------------------------------------
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<6*2=12>>": what the annotators' calculator computed

@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from resetrl.config import RunConfig
-from resetrl.data import build_prompts
+from resetrl.data import build_prompts, split_holdout
+from resetrl.evaluation import HeldOutEval, eval_summary
 from resetrl.metrics import MetricsSink, derived_rates
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
@@ -87,6 +88,8 @@ class RunServices:
     client: object | None = None
     keys: RunKeys | None = None
     adopted_redis: str | None = None  # URL of the embedded redis-server a dead driver left running (resume)
+    evaluator: object | None = None
+    held_out_eval: HeldOutEval | None = None
 
 
 def _weights_root(cfg: RunConfig) -> Path:
@@ -202,7 +205,7 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         prompt_queue.ensure_group()
         experience_queue.ensure_group()
         (run_dir / "run.json").write_text(json.dumps({"run_name": cfg.run_name, "redis_url": redis_url}))
-        prompts = build_prompts(cfg.data)
+        prompts, held_out = split_holdout(build_prompts(cfg.data), cfg.eval.holdout)
 
         _start_ray(cfg, services)
         sink = MetricsSink(run_dir / "tensorboard" if cfg.tensorboard else None)
@@ -229,6 +232,8 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         pids = {"learner_pid": ray.get(services.learner.pid.remote()),
                 "actor_pids": ray.get([actor.pid.remote() for actor in services.actors])}
         (run_dir / "run.json").write_text(json.dumps({"run_name": cfg.run_name, "redis_url": redis_url, **pids}))
+        if held_out:
+            _start_evaluator(cfg, services, model_path, redis_url, held_out).run_now()  # the starting accuracy
         actor_runs = [actor.run.remote() for actor in services.actors]
 
         summary = _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs,
@@ -238,6 +243,11 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         request_stop(client, keys)
         ray.get(actor_runs, timeout=120)
         accounting = ray.get(services.learner.finish.remote())  # last checkpoint, every trained entry acked
+        if services.held_out_eval is not None:
+            services.held_out_eval.run_now()  # the final policy
+            summary.update(eval_summary(services.held_out_eval.results, summary["tokens_generated_curve"]))
+            for point in summary["eval_curve"]:
+                sink.log(point["policy_version"], {"eval_accuracy": point["accuracy"]})
         summary.update(_prompt_accounting(client, keys, prompts, accounting, read_stats(client, keys)))
         stats = read_stats(client, keys)
         summary.update(
@@ -328,6 +338,8 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
                 "samples_dropped_stale": stats.get("samples_dropped_stale", 0),
             }
             sink.log(step, scalars)
+            if services.held_out_eval is not None:
+                services.held_out_eval.after_step(step)
             view.update(step, _status_line(last_metrics, stats, experience_queue.depth(), version, elapsed))
             console.log(
                 f"step {step}/{cfg.total_steps} v{version} reward {metrics['reward_mean']:.3f} "
@@ -346,6 +358,16 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
         "tokens_generated_curve": tokens_generated_curve,
         "generate_seconds_curve": generate_seconds_curve,
     }
+
+
+def _start_evaluator(cfg: RunConfig, services: RunServices, model_path: str, redis_url: str,
+                     held_out: list[PromptRecord]) -> HeldOutEval:
+    from resetrl.actors.evaluator import Evaluator
+
+    evaluator_cls = ray.remote(Evaluator).options(num_cpus=cfg.eval.cpus, num_gpus=cfg.eval.gpus)
+    services.evaluator = evaluator_cls.remote(cfg, model_path, redis_url, str(services.weights_root), held_out)
+    services.held_out_eval = HeldOutEval(services.evaluator, cfg.eval.every)
+    return services.held_out_eval
 
 
 def _raise_if_rollout_died(actor_runs: list) -> None:
@@ -393,6 +415,11 @@ def _shutdown(services: RunServices) -> None:
             continue
         try:
             ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+    if services.evaluator is not None:
+        try:
+            ray.kill(services.evaluator, no_restart=True)
         except Exception:
             pass
     if services.client is not None:

@@ -63,7 +63,7 @@ def _env() -> dict:
 def test_tiny_preset_trains_end_to_end(tmp_path, engine):
     before = _run_processes()
     result = subprocess.run(
-        _train_command(tmp_path, f"rollout.engine={engine}"), cwd=REPO, env=_env(),
+        _train_command(tmp_path, f"rollout.engine={engine}", "eval.holdout=2", "eval.every=1"), cwd=REPO, env=_env(),
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -84,6 +84,13 @@ def test_tiny_preset_trains_end_to_end(tmp_path, engine):
     # TensorBoard scalars and a loadable final model.
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert (Path(summary["final_weights"]) / "model.safetensors").is_file()
+    # Held-out evaluation: the starting policy, and the final one last, each at the tokens it had cost.
+    curve = summary["eval_curve"]
+    assert curve[0]["policy_version"] == 0 and curve[0]["tokens_generated"] == 0
+    assert curve[-1]["policy_version"] == summary["policy_version"]
+    assert curve[-1]["tokens_generated"] == summary["tokens_generated_curve"][-1] > 0
+    assert all(point["problems"] == 2 and 0 <= point["accuracy"] <= 1 for point in curve)
+    assert [p["policy_version"] for p in curve] == sorted({p["policy_version"] for p in curve})
     assert _leftovers(before) == []
 
 

@@ -1,0 +1,97 @@
+"""Evaluator: accuracy of the newest published policy on held-out problems (config section `eval`).
+
+It has its own engine, so evaluating never pauses the rollout workers; it picks up weights through the same
+weight channel as they do and reports which policy version it scored. The driver runs it before the first step
+(the starting accuracy), every `eval.every` steps beside training, and after the last step. The class is plain
+Python; the driver wraps it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from resetrl.actors.engines import make_engine
+from resetrl.actors.engines.base import SamplingSettings
+from resetrl.config import RunConfig
+from resetrl.data import render_prompt
+from resetrl.queue import connect
+from resetrl.record import PromptRecord
+from resetrl.run_state import RunKeys
+from resetrl.verifiers import get_verifier
+from resetrl.verifiers.guard import call_with_timeout
+from resetrl.weights import SharedFolderWeightChannel
+
+log = logging.getLogger(__name__)
+
+
+def score_answers(verify, timeout_s: float, prompt: PromptRecord, texts: list[str]) -> list[float]:
+    """Verifier scores of one problem's answers; a verifier that fails or hangs scores 0 (as in training)."""
+    scores = []
+    for text in texts:
+        try:
+            scores.append(float(call_with_timeout(verify, timeout_s, text, prompt)))
+        except Exception as exc:
+            log.warning("verifier failed on held-out %s: %s", prompt.prompt_id, exc)
+            scores.append(0.0)
+    return scores
+
+
+class Evaluator:
+    def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str,
+                 prompts: list[PromptRecord]):
+        torch.set_num_threads(1)
+        if not prompts:
+            raise ValueError("the evaluator needs held-out problems: set eval.holdout > 0")
+        self.cfg = cfg
+        self.prompts = prompts
+        self.client = connect(redis_url)
+        self.weights = SharedFolderWeightChannel(weights_root, self.client, RunKeys(cfg.run_name))
+        self.verify = get_verifier(cfg.algorithm.verifier)
+        self.engine = make_engine(
+            cfg.rollout.engine, model_path, dtype=cfg.model.dtype, seed=cfg.seed + 777,
+            kv_cache_gib=cfg.rollout.vllm_kv_cache_gib, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+        )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.prompt_token_ids = [render_prompt(tokenizer, cfg.data, prompt) for prompt in prompts]
+        self.sampling = SamplingSettings(
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            temperature=cfg.eval.temperature,
+            stop=tuple(cfg.rollout.stop),
+            seed=cfg.seed,  # the same draws at every evaluation when sampling (eval.temperature > 0)
+        )
+        self.policy_version = 0
+
+    def evaluate(self) -> dict:
+        """Score the newest published policy (the initial model before any publish) on every held-out problem."""
+        latest = self.weights.latest()
+        if latest is not None and latest[0] != self.policy_version:
+            self.engine.load_weights(latest[1])
+            self.policy_version = latest[0]
+        started = time.perf_counter()
+        groups = self.engine.generate(self.prompt_token_ids, self.cfg.eval.samples, self.sampling)
+        generate_seconds = time.perf_counter() - started
+        per_problem, lengths, truncated = [], [], 0
+        for prompt, group in zip(self.prompts, groups):
+            scores = score_answers(self.verify, self.cfg.algorithm.verifier_timeout_s, prompt, [c.text for c in group])
+            # A partial-credit verifier may give fractions; "correct" means full reward.
+            per_problem.append(sum(score >= 1.0 for score in scores) / len(scores))
+            lengths.extend(len(c.token_ids) for c in group)
+            truncated += sum(c.finish_reason == "length" for c in group)
+        return {
+            "policy_version": self.policy_version,
+            "accuracy": sum(per_problem) / len(per_problem),
+            "problems": len(per_problem),
+            "samples_per_problem": self.cfg.eval.samples,
+            "response_len_mean": sum(lengths) / max(len(lengths), 1),
+            "truncated_fraction": truncated / max(len(lengths), 1),
+            "generate_seconds": round(generate_seconds, 3),
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+        self.client.close()
