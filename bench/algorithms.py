@@ -1,20 +1,20 @@
 """Algorithm comparison: GRPO vs RRPO vs SRPO (and SuperRL / SRL / repair when asked) on one preset, same seed,
-same trained-sample budget; reward vs tokens generated, and the tokens each method needs to reach GRPO's final
-reward.
+same generated-token budget; held-out accuracy vs tokens generated, and the tokens each method needs to reach
+GRPO's final held-out accuracy.
 
-Each method runs `resetrl train --config PRESET algorithm.name=M total_steps=N_M` in a fresh process, where N_M is
-the number of steps that trains --budget samples with M's records per step (rrpo/srpo train G1 + G2 records per
-prompt, grpo G), so every method trains on about the same number of samples. From the run summaries:
-`reward_curve` (mean reward of the records trained at each step) against `tokens_generated_curve` (tokens the
-actors had generated when that step ended). Rewards are smoothed over --smooth steps. "Tokens to reach GRPO's
-final reward" is the generated-token count at the first step where a method's smoothed reward reaches GRPO's
-smoothed final reward (None if it never does); the table gives it as a ratio to GRPO's own count.
+Each method runs `resetrl train --config PRESET algorithm.name=M total_tokens=B` in a fresh process: the run stops
+after the first step at which its rollout has generated B tokens, so every method spends the same generation
+budget whatever its samples per step (rrpo/srpo sample G1 fresh + G2 continuations per failed parent, grpo G).
+The run's held-out evaluation (config section `eval`: the last eval.holdout problems, never trained on, greedy,
+scored before the first step, every eval.every steps and after the last) gives `eval_curve`: accuracy at the tokens
+generated when that policy version was published. "Tokens to reach GRPO's final accuracy" is the generated-token
+count of a method's first evaluation at or above GRPO's last one (None if none is); the table gives it as a ratio to
+GRPO's own count. Training reward per step (smoothed over --smooth steps) is reported and plotted beside it.
 
-This measures training reward, not held-out accuracy: the summary has no evaluation yet. It takes long on CPU
-(each SmolLM2 step is about a minute); run it on demand, in the background:
+It takes long on CPU (each SmolLM2 step is about a minute on 2 cores); run it on demand, in the background:
 
-    python bench/algorithms.py --config configs/smollm2-arith.yaml --budget 512          # hours on 2 cores
-    python bench/algorithms.py --config configs/tiny.yaml --budget 16 --methods grpo,rrpo,srpo   # smoke, minutes
+    python bench/algorithms.py --config configs/smollm2-chain3-steps.yaml --token-budget 20000
+    python bench/algorithms.py --config configs/tiny.yaml --token-budget 600 --holdout 4 --eval-every 1  # smoke
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import _common  # noqa: F401  (environment first)
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,13 +43,13 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def run_method(method: str, args, tmp: Path) -> dict:
     cfg = load_cfg(args.config, [f"algorithm.name={method}", *args.override])
-    steps = max(1, math.ceil(args.budget / cfg.records_per_step))
     summary_path = tmp / f"{method}.json"
-    overrides = [f"algorithm.name={method}", f"total_steps={steps}", f"seed={args.seed}",
-                 f"run_name=bench-algo-{method}", f"run_dir={args.run_dir}/{method}", "ray.include_dashboard=false",
-                 *args.override]
+    overrides = [f"algorithm.name={method}", f"total_tokens={args.token_budget}", f"total_steps={args.max_steps}",
+                 f"seed={args.seed}", f"run_name=bench-algo-{method}", f"run_dir={args.run_dir}/{method}",
+                 "ray.include_dashboard=false", *args.override]
     command = [sys.executable, "-m", "resetrl.cli", "train", "--config", args.config, "--summary", str(summary_path), *overrides]
-    print(f"{method}: {steps} steps x {cfg.records_per_step} records: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    print(f"{method}: {args.token_budget} generated tokens, {cfg.records_per_step} records per step: "
+          f"{' '.join(command[2:])}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     if proc.returncode != 0:
@@ -58,6 +57,7 @@ def run_method(method: str, args, tmp: Path) -> dict:
     summary = json.loads(summary_path.read_text())
     summary["process_seconds"] = round(time.perf_counter() - started, 1)
     summary["records_per_step"] = cfg.records_per_step
+    (Path(args.run_dir) / f"{method}.summary.json").write_text(json.dumps(summary, indent=2))  # kept for later reading
     return summary
 
 
@@ -70,66 +70,90 @@ def tokens_to_reach(tokens: list[int], rewards: list[float], target: float) -> i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/smollm2-arith.yaml")
+    parser.add_argument("--config", default="configs/smollm2-chain3-steps.yaml")
     parser.add_argument("--methods", default="grpo,rrpo,srpo", help="comma list; grpo is the reference")
-    parser.add_argument("--budget", type=int, default=512, help="trained samples per method")
+    parser.add_argument("--token-budget", type=int, default=20000, help="generated tokens per method")
+    parser.add_argument("--max-steps", type=int, default=1000, help="a cap in steps, in case the budget is never met")
+    parser.add_argument("--holdout", type=int, help="eval.holdout (default: the preset's)")
+    parser.add_argument("--eval-every", type=int, help="eval.every (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smooth", type=int, default=5, help="moving-average window over steps")
+    parser.add_argument("--smooth", type=int, default=5, help="moving-average window over steps (training reward)")
     parser.add_argument("--run-dir", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--override", action="append", default=[], help="config override key=value for every method")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if "grpo" not in methods:
         raise SystemExit("--methods must include grpo: it is the reference")
+    if args.holdout is not None:
+        args.override.append(f"eval.holdout={args.holdout}")
+    if args.eval_every is not None:
+        args.override.append(f"eval.every={args.eval_every}")
+    if load_cfg(args.config, args.override).eval.holdout == 0:
+        raise SystemExit("the comparison needs held-out problems: give --holdout N or set eval.holdout in the preset")
 
     with tempfile.TemporaryDirectory(prefix="bench-algo-") as tmp:
         args.run_dir = args.run_dir or f"{tmp}/runs"
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         summaries = {m: run_method(m, args, Path(tmp)) for m in methods}
 
     curves, table = {}, {}
     for method, s in summaries.items():
-        rewards = s.get("reward_curve") or []
-        tokens = s.get("tokens_generated_curve") or []
-        if not rewards or len(tokens) != len(rewards):
-            raise SystemExit(f"{method}: the summary has no per-step reward/token curve (reward_curve, tokens_generated_curve)")
-        curves[method] = {"tokens_generated": tokens, "reward": rewards, "reward_smoothed": smooth(rewards, args.smooth)}
-    target = curves["grpo"]["reward_smoothed"][-1]
-    grpo_tokens = tokens_to_reach(curves["grpo"]["tokens_generated"], curves["grpo"]["reward_smoothed"], target)
+        rewards, tokens = s.get("reward_curve") or [], s.get("tokens_generated_curve") or []
+        evals = s.get("eval_curve") or []
+        if not evals or len(tokens) != len(rewards):
+            raise SystemExit(f"{method}: the summary lacks eval_curve or the per-step reward/token curves")
+        curves[method] = {
+            "eval_tokens_generated": [point["tokens_generated"] for point in evals],
+            "eval_accuracy": [point["accuracy"] for point in evals],
+            "eval_policy_version": [point["policy_version"] for point in evals],
+            "tokens_generated": tokens, "reward": rewards, "reward_smoothed": smooth(rewards, args.smooth),
+        }
+    target = curves["grpo"]["eval_accuracy"][-1]
+    grpo_tokens = tokens_to_reach(curves["grpo"]["eval_tokens_generated"], curves["grpo"]["eval_accuracy"], target)
     for method, s in summaries.items():
-        reached = tokens_to_reach(curves[method]["tokens_generated"], curves[method]["reward_smoothed"], target)
+        c = curves[method]
+        reached = tokens_to_reach(c["eval_tokens_generated"], c["eval_accuracy"], target)
         table[method] = {
             "steps": s["steps"], "records_per_step": s["records_per_step"], "samples_trained": s.get("samples_trained"),
             "tokens_generated": s.get("tokens_generated"), "tokens_trained": s.get("tokens_trained"),
-            "reward_first": s.get("reward_mean_first"), "reward_last_smoothed": round(curves[method]["reward_smoothed"][-1], 4),
-            "tokens_to_grpo_final": reached,
+            "accuracy_first": c["eval_accuracy"][0], "accuracy_last": c["eval_accuracy"][-1],
+            "accuracy_best": max(c["eval_accuracy"]),
+            "reward_first": s.get("reward_mean_first"), "reward_last_smoothed": round(c["reward_smoothed"][-1], 4),
+            "tokens_to_grpo_final_accuracy": reached,
             "tokens_ratio_vs_grpo": None if reached is None or not grpo_tokens else round(reached / grpo_tokens, 3),
             "wall_seconds": s.get("wall_seconds"),
-            **{k: s[k] for k in ("reset_rate", "localisation_parse_rate", "g2_success_rate") if s.get(k) is not None},
+            **{k: s[k] for k in ("reset_rate", "localisation_parse_rate", "g2_success_rate", "superrl_sft_fraction")
+               if s.get(k) is not None},
         }
     result = {
-        "setup": {"config": args.config, "methods": methods, "budget_trained_samples": args.budget, "seed": args.seed,
+        "setup": {"config": args.config, "methods": methods, "token_budget": args.token_budget, "seed": args.seed,
                   "smooth": args.smooth, "overrides": args.override},
         "machine": machine(),
-        "grpo_final_reward_smoothed": round(target, 4),
+        "grpo_final_accuracy": target,
         "table": table,
         "curves": curves,
     }
 
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, c in curves.items():
-        ax.plot(c["tokens_generated"], c["reward_smoothed"], marker="o", markersize=3, label=method)
-    ax.axhline(target, color="gray", linestyle=":", label="GRPO final (smoothed)")
-    ax.set_xlabel("tokens generated")
-    ax.set_ylabel(f"training reward (moving mean over {args.smooth} steps)")
-    ax.set_title(f"{Path(args.config).name}: same seed, ~{args.budget} trained samples each")
-    ax.legend()
+        acc_ax.plot(c["eval_tokens_generated"], c["eval_accuracy"], marker="o", markersize=4, label=method)
+        reward_ax.plot(c["tokens_generated"], c["reward_smoothed"], marker="o", markersize=2, label=method)
+    acc_ax.axhline(target, color="gray", linestyle=":", label="GRPO final")
+    acc_ax.set_xlabel("tokens generated")
+    acc_ax.set_ylabel("held-out accuracy (greedy)")
+    acc_ax.set_title(f"{Path(args.config).name}: same seed, {args.token_budget} generated tokens each")
+    acc_ax.legend()
+    reward_ax.set_xlabel("tokens generated")
+    reward_ax.set_ylabel(f"training reward (moving mean over {args.smooth} steps)")
+    reward_ax.legend()
     write_results("algorithms", result, fig)
-    print("\nmethod   steps  tokens_gen  reward_last  tokens_to_GRPO_final  ratio", file=sys.stderr)
+    print("\nmethod   steps  tokens_gen  acc_first  acc_last  tokens_to_GRPO_final  ratio", file=sys.stderr)
     for method, row in table.items():
-        print(f"{method:8s} {row['steps']:5d}  {row['tokens_generated']!s:>10}  {row['reward_last_smoothed']:11.3f}  "
-              f"{row['tokens_to_grpo_final']!s:>20}  {row['tokens_ratio_vs_grpo']}", file=sys.stderr)
+        print(f"{method:8s} {row['steps']:5d}  {row['tokens_generated']!s:>10}  {row['accuracy_first']:9.3f}  "
+              f"{row['accuracy_last']:8.3f}  {row['tokens_to_grpo_final_accuracy']!s:>20}  {row['tokens_ratio_vs_grpo']}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

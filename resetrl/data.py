@@ -105,7 +105,8 @@ def build_prompts(cfg: DataConfig) -> list[PromptRecord]:
 
 
 def split_holdout(prompts: list[PromptRecord], holdout: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """(training problems, held-out problems): the last `holdout` problems are never fed to training."""
+    """(training problems, held-out problems): the last `holdout` problems, and any repeat of their questions, are
+    never fed to training."""
     if holdout == 0:
         return prompts, []
     if holdout >= len(prompts):
@@ -113,7 +114,17 @@ def split_holdout(prompts: list[PromptRecord], holdout: int) -> tuple[list[Promp
             f"eval.holdout ({holdout}) must be smaller than the {len(prompts)} problems of the data source: lower "
             "eval.holdout or raise data.size"
         )
-    return prompts[:-holdout], prompts[-holdout:]
+    held_out = prompts[-holdout:]
+    # Generators with few distinct problems repeat them (2-term one-digit sums): a held-out question must not come
+    # back under another id in training.
+    held_out_questions = {prompt.question for prompt in held_out}
+    train = [prompt for prompt in prompts[:-holdout] if prompt.question not in held_out_questions]
+    if not train:
+        raise ValueError(
+            f"eval.holdout ({holdout}): every training problem repeats a held-out question; lower eval.holdout or "
+            "raise data.size"
+        )
+    return train, held_out
 
 
 # ---- expert solutions ------------------------------------------------------------------------------------------

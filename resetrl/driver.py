@@ -302,7 +302,9 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
     loop_started = time.monotonic()
     view = _ProgressView(cfg.total_steps)
     with view.progress:
-        while step < cfg.total_steps:
+        # total_tokens: the generation budget is checked at step ends, so a run stops on a whole step.
+        while step < cfg.total_steps and not (
+                cfg.total_tokens and tokens_generated_curve and tokens_generated_curve[-1] >= cfg.total_tokens):
             feeder.feed_until(_feed_target(cfg, step, read_stats(client, keys), starved_batches))
             pending = services.learner.train_step.remote(timeout_s=5.0)
             while True:

@@ -32,6 +32,16 @@ def test_split_holdout_keeps_the_last_problems_out_of_training():
         split_holdout(prompts, 10)
 
 
+def test_split_holdout_drops_training_repeats_of_held_out_questions():
+    def problem(index: int, question: str) -> PromptRecord:
+        return PromptRecord(prompt_id=f"p{index}", question=question, answer="1", task="basic_arithmetic")
+
+    prompts = [problem(0, "1 + 0"), problem(1, "2 - 1"), problem(2, "1 + 0"), problem(3, "3 - 2"), problem(4, "1 + 0")]
+    train, held_out = split_holdout(prompts, 1)
+    assert [p.prompt_id for p in held_out] == ["p4"]
+    assert [p.prompt_id for p in train] == ["p1", "p3"]
+
+
 def test_eval_summary_puts_each_version_at_its_generated_tokens():
     results = [{"policy_version": 0, "accuracy": 0.1}, {"policy_version": 2, "accuracy": 0.3},
                {"policy_version": 3, "accuracy": 0.4}]
