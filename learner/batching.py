@@ -95,3 +95,16 @@ def micro_batches(records: list[ExperienceRecord], micro_batch_size: int, pad_to
         raise ValueError(f"micro_batch_size must be at least 1 (got {micro_batch_size})")
     ordered = sorted(records, key=lambda r: len(r.token_ids))
     return [collate(ordered[i : i + micro_batch_size], pad_token_id) for i in range(0, len(ordered), micro_batch_size)]
+
+
+def trained_tokens(records: list[ExperienceRecord]) -> tuple[int, int]:
+    """(policy-gradient, supervised) trained tokens of `records`: what their micro-batches' loss_mask and sft_mask
+    sum to, counted without collating (a rank of a multi-rank learner collates only its shard)."""
+    pg = sft = 0
+    for record in records:
+        count = int((np.asarray(record.loss_mask[1:]) > 0).sum())
+        if record.target_token_ids is not None:
+            sft += count
+        else:
+            pg += count
+    return pg, sft

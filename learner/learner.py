@@ -1,7 +1,18 @@
 """The learner: reads experience from the Redis stream, takes DeepSpeed optimizer steps, publishes weights.
 
-A plain class; the driver runs it as `ray.remote(Learner)`. One step reads top to bottom (STYLE.md):
-collect records -> micro-batches -> loss -> backward -> optimizer step -> publish weights -> ack.
+A plain class; the driver runs it as Ray actors through learner/group.py. One step reads top to bottom
+(STYLE.md): collect records -> micro-batches -> loss -> backward -> optimizer step -> publish weights -> ack.
+
+Several ranks (learner.world_size > 1): one torch.distributed group, DeepSpeed data parallelism (ZeRO 0-3). Rank 0
+alone speaks to the experience stream: it reads, dedupes, drops stale records, acks, and keeps the Redis-side
+bookkeeping and counters. Each step it broadcasts the batch's wire-format payloads, the msgpack bytes exactly as
+read from the stream, as a uint8 tensor plus a lengths tensor (no pickling: DESIGN.md), and every other rank
+decodes them with decode_experience. So every rank holds the whole batch and trains on its contiguous shard of
+records_per_step / world_size records. The loss is normalised by the whole batch's token (or sequence) counts,
+which every rank computes from the whole batch, and scaled by world_size, because DeepSpeed averages the ranks'
+gradients: the applied gradient is then the one-rank gradient of the same batch. Rank 0 alone publishes weights
+(with ZeRO-3 every rank joins the parameter gather) and writes the learner's own checkpoint files; DeepSpeed's
+checkpoint is written and read by every rank.
 
 Reliability (DESIGN.md): an experience entry is acknowledged only after the optimizer step that used it and the
 publication of the resulting weights, so a learner that dies mid-step replays its entries on restart (it first
@@ -11,8 +22,8 @@ counted; the rest are importance-corrected by the PPO ratio against their behavi
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import datetime
 import logging
 import math
 import os
@@ -26,13 +37,13 @@ import torch.distributed as dist
 from resetrl.algorithms.losses import POLICY_LOSSES, k3_kl, supervised_loss, token_logprobs
 from resetrl.algorithms.superrl import gate_loss_weights, uncertainty_weights
 from resetrl.config import RunConfig
-from resetrl.learner.batching import MicroBatch, micro_batches
-from resetrl.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from resetrl.learner.batching import MicroBatch, micro_batches, trained_tokens
+from resetrl.learner.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import ExperienceRecord, WireFormatError, decode_experience
 from resetrl.redis_server import free_port
 from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, incr_stats, read_stats, stop_requested
-from resetrl.weights import SharedFolderWeightChannel
+from resetrl.weights import make_weight_channel
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +53,41 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Counters only the learner writes for trained steps: a resume sets them back to the checkpoint's values.
 _LEARNER_COUNTERS = ("samples_trained", "learner_steps", "tokens_trained", "records_trained_suffix_only",
                      "steps_skipped_nonfinite")
+# How long a rank waits in a collective (ranks > 0 wait in every step's broadcast while rank 0 reads the stream):
+# a train_step timeout, a checkpoint and a weight publication must each stay well below it.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# Metrics each rank sums over its shard; their sum over the ranks is the whole step's value.
+_SUMMED_METRICS = ("loss", "pg_loss", "sft_loss", "kl", "clip_fraction", "dual_clip_fraction", "ratio_mean",
+                   "approx_kl")
 
 
-def _init_single_process_distributed() -> None:
-    """One rank, world size 1: what deepspeed.initialize needs even without data parallelism."""
+def _init_distributed(rank: int = 0, world_size: int = 1, master_addr: str | None = None,
+                      master_port: int | None = None) -> None:
+    """Join the learner's torch.distributed group (deepspeed.initialize needs one even for a single rank).
+
+    One rank makes its own group on loopback; several need rank 0's address and a port (learner/group.py)."""
     # The first init builds DeepSpeed's shm comm op (~70-90 s on 2 cores); a cache directory that survives makes
     # every later start take well under a second.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))
     import deepspeed
 
     if dist.is_available() and dist.is_initialized():
-        return  # a second Learner in the same process (tests) shares the group
+        if dist.get_world_size() == world_size and dist.get_rank() == rank:
+            return  # a second Learner in the same process (tests) shares the group
+        raise RuntimeError(f"this process is already rank {dist.get_rank()} of {dist.get_world_size()}; a learner "
+                           f"rank {rank} of {world_size} needs a process of its own")
     _forget_destroyed_deepspeed_groups()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if world_size == 1:
+        master_addr, master_port = "127.0.0.1", free_port()
+    elif master_addr is None or master_port is None:
+        raise ValueError(f"learner rank {rank} of {world_size} needs master_addr and master_port (rank 0's)")
+    # LOCAL_RANK 0: Ray gives each rank's actor its own GPUs (CUDA_VISIBLE_DEVICES), so its device is always cuda:0.
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False, timeout=COLLECTIVE_TIMEOUT)
 
 
 def _forget_destroyed_deepspeed_groups() -> None:
@@ -82,14 +112,15 @@ def _forget_destroyed_deepspeed_groups() -> None:
 
 class Learner:
     def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str | None = None,
-                 resume: bool = False):
+                 resume: bool = False, rank: int = 0, master_addr: str | None = None, master_port: int | None = None):
         self.cfg = cfg
         self.keys = RunKeys(cfg.run_name)
-        self.client = connect(redis_url)
+        self.client = connect(redis_url)  # used by rank 0 only (it connects lazily: other ranks never do)
         self.records_per_step = cfg.records_per_step
         self.version = 0  # policy version = optimizer steps taken
+        self.rank, self.world_size = rank, cfg.learner.world_size
 
-        _init_single_process_distributed()
+        _init_distributed(rank, self.world_size, master_addr, master_port)
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -105,7 +136,8 @@ class Learner:
         if cfg.algorithm.kl_coef > 0:
             self.reference = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
 
-        gradient_accumulation_steps = self.records_per_step // cfg.learner.micro_batch_size
+        # Per rank: DeepSpeed's batch is micro_batch_size x gradient_accumulation_steps x world_size records.
+        gradient_accumulation_steps = self.records_per_step // (cfg.learner.micro_batch_size * self.world_size)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_size,
             "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -125,10 +157,12 @@ class Learner:
             self.log_sigma = torch.zeros(2, device=self.device, requires_grad=True)
             self.log_sigma_optimizer = torch.optim.Adam([self.log_sigma], lr=cfg.algorithm.superrl.uncertainty_lr)
 
-        self.channel = SharedFolderWeightChannel(weights_root, self.client, self.keys)
+        self.channel = make_weight_channel(cfg, "learner", self.client, self.keys, weights_root)
         self.queue = StreamQueue(self.client, self.keys.experience, EXPERIENCE_GROUP, CONSUMER)
-        self.queue.ensure_group()
-        self._buffer: list[tuple[str, ExperienceRecord]] = []  # read, not yet trained on, not acked
+        if self.rank == 0:
+            self.queue.ensure_group()
+        # (entry id, record, its payload as read): read, not yet trained on, not acked. Rank 0 only.
+        self._buffer: list[tuple[str, ExperienceRecord, bytes]] = []
         self._dropped_stale = 0  # since the last returned step
         # Checkpoints and dedupe (learner/checkpoint.py). With checkpoints on, trained entries are held unacked
         # until a checkpoint covers them, so a learner killed between checkpoints replays them on --resume.
@@ -144,17 +178,19 @@ class Learner:
             self._resume()
         # A restarted learner first takes back what it held unacknowledged: those records were never trained on
         # (by the model it restored), except ones a checkpoint covers whose ack was lost: dropped by record id.
-        self._accept(self.queue.read(count=None, pending=True))
+        if self.rank == 0:
+            self._accept(self.queue.read(count=None, pending=True))
 
     # ------------------------------------------------------------------ the step
 
     def train_step(self, timeout_s: float | None = None) -> dict | None:
-        """Train on the next records-per-step fresh records; None if the run stops or timeout_s passes first."""
-        batch = self._collect(timeout_s)
+        """Train on the next records-per-step fresh records; None if the run stops or timeout_s passes first.
+
+        With several ranks every rank calls it (the step is collective); timeout_s matters on rank 0 only."""
+        batch = self._next_batch(timeout_s)
         if batch is None:
             return None
-        entry_ids = [entry_id for entry_id, _ in batch]
-        records = [record for _, record in batch]
+        entry_ids, records = batch
 
         started = time.perf_counter()
         metrics = self._optimize(records)
@@ -162,7 +198,8 @@ class Learner:
 
         publish_seconds = 0.0
         if metrics["skipped"]:
-            incr_stats(self.client, self.keys, steps_skipped_nonfinite=1)
+            if self.rank == 0:
+                incr_stats(self.client, self.keys, steps_skipped_nonfinite=1)
         else:
             self.version += 1
             started = time.perf_counter()
@@ -171,13 +208,14 @@ class Learner:
             # Records whose first response tokens are masked out: reset continuations (G2) trained on suffix only.
             suffix_only = sum(1 for r in records if r.num_response_tokens and not r.loss_mask[r.prompt_length]
                               and r.target_token_ids is None)
-            incr_stats(
-                self.client, self.keys, samples_trained=len(records), learner_steps=1,
-                tokens_trained=metrics["loss_tokens"], records_trained_suffix_only=suffix_only,
-            )
-            self._trained_ids.update(r.record_id for r in records)
-            self._trained_prompts.update(r.prompt_id for r in records)
-            self._records_trained += len(records)
+            if self.rank == 0:
+                incr_stats(
+                    self.client, self.keys, samples_trained=len(records), learner_steps=1,
+                    tokens_trained=metrics["loss_tokens"], records_trained_suffix_only=suffix_only,
+                )
+                self._trained_ids.update(r.record_id for r in records)
+                self._trained_prompts.update(r.prompt_id for r in records)
+                self._records_trained += len(records)
         # Ack after the step and, when checkpoints are on, only once a checkpoint covers the step (DESIGN.md).
         self._held.extend(entry_ids)
         every = self.cfg.learner.checkpoint_every
@@ -203,25 +241,70 @@ class Learner:
         )
         return metrics
 
-    def _optimize(self, records: list[ExperienceRecord]) -> dict:
-        """Forward/backward every micro-batch, then one optimizer step (DeepSpeed takes it on the last one).
+    def _next_batch(self, timeout_s: float | None) -> tuple[list[str], list[ExperienceRecord]] | None:
+        """(entry ids, records) of the next step: the same records on every rank, the entry ids on rank 0 only."""
+        batch = self._collect(timeout_s) if self.rank == 0 else None
+        if self.world_size > 1:
+            payloads = self._broadcast_payloads(None if batch is None else [payload for _, _, payload in batch])
+            if payloads is None:
+                return None
+            if self.rank > 0:  # rank 0 checked these records as it read them (_accept), so they decode cleanly
+                return [], [decode_experience(payload) for payload in payloads]
+        if batch is None:
+            return None
+        return [entry_id for entry_id, _, _ in batch], [record for _, record, _ in batch]
 
-        The step's loss is one aggregate over the whole batch: each micro-batch loss is weighted by its share of
-        the batch's normaliser (trained tokens for token_mean, sequences for seq_mean_token_sum), times
-        gradient_accumulation_steps because DeepSpeed divides every micro-batch loss by it.
+    def _broadcast_payloads(self, payloads: list[bytes] | None) -> list[bytes] | None:
+        """Rank 0's step payloads to every rank (None: no step this call). Raw wire-format bytes in uint8 tensors,
+        never a pickled object: nothing that came from Redis is unpickled (DESIGN.md)."""
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)  # [records, bytes]; 0 records = no step
+        if self.rank == 0 and payloads is not None:
+            header[0], header[1] = len(payloads), sum(len(p) for p in payloads)
+        dist.broadcast(header, src=0)
+        count, total = header.tolist()
+        if count == 0:
+            return None
+        if self.rank == 0:
+            lengths = torch.tensor([len(p) for p in payloads], dtype=torch.int64, device=self.device)
+            data = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8).to(self.device)
+        else:
+            lengths = torch.empty(count, dtype=torch.int64, device=self.device)
+            data = torch.empty(total, dtype=torch.uint8, device=self.device)
+        dist.broadcast(lengths, src=0)
+        dist.broadcast(data, src=0)
+        if self.rank == 0:
+            return payloads
+        blob = data.cpu().numpy().tobytes()
+        ends = np.cumsum(lengths.cpu().numpy())
+        return [blob[end - length : end] for end, length in zip(ends.tolist(), lengths.tolist())]
+
+    def _shard(self, records: list[ExperienceRecord]) -> list[ExperienceRecord]:
+        """This rank's contiguous share of the step's records (the config makes it a whole number of micro-batches)."""
+        size = len(records) // self.world_size
+        return records[self.rank * size : (self.rank + 1) * size]
+
+    def _optimize(self, records: list[ExperienceRecord]) -> dict:
+        """Forward/backward every micro-batch of this rank's shard, then one optimizer step (DeepSpeed takes it on
+        the last one, averaging the ranks' gradients).
+
+        The step's loss is one aggregate over the whole batch (all ranks): each micro-batch loss is weighted by its
+        share of the batch's normaliser (trained tokens for token_mean, sequences for seq_mean_token_sum), counted
+        over the whole batch, which every rank holds. The loss passed to backward is scaled by
+        gradient_accumulation_steps, because DeepSpeed divides every micro-batch loss by it, and by world_size,
+        because it averages the ranks' gradients: the sum of all micro-batch losses of all ranks is the step loss.
         """
         algo = self.cfg.algorithm
-        batches = micro_batches(records, self.cfg.learner.micro_batch_size, self.pad_token_id)
+        batches = micro_batches(self._shard(records), self.cfg.learner.micro_batch_size, self.pad_token_id)
         gas = self.engine.gradient_accumulation_steps()
         if len(batches) != gas:
             raise RuntimeError(f"{len(batches)} micro-batches for a step, DeepSpeed expects {gas}")
-        total_tokens = sum(mb.num_loss_tokens for mb in batches)
         # Supervised records (expert or repaired targets, batching.py) are normalised apart from the policy-gradient
         # ones; the step loss is w_pg (L_PG + kl) + w_sft L_SFT + regulariser (_loss_weights). Without supervised
         # records it is L_PG + kl, as before.
-        pg_tokens = sum(mb.num_pg_tokens for mb in batches)
-        sft_tokens = sum(mb.num_sft_tokens for mb in batches)
+        pg_tokens, sft_tokens = trained_tokens(records)
+        total_tokens = pg_tokens + sft_tokens
         pg_records = sum(1 for r in records if r.target_token_ids is None)
+        step_micro_batches = gas * self.world_size
         skipped_before = self.engine.skipped_steps
         nonfinite = False
         totals = {"loss": 0.0, "pg_loss": 0.0, "sft_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
@@ -248,7 +331,8 @@ class Learner:
             kl = self._kl_to_reference(mb, logprobs)
             sft_loss = supervised_loss(logprobs, mb.advantages, mb.sft_mask)
             # This micro-batch's part of the step loss (its shares of the step's normalisers).
-            loss = w_pg * (pg_loss + algo.kl_coef * kl) * share + w_sft * sft_loss * sft_share + regulariser / gas
+            loss = (w_pg * (pg_loss + algo.kl_coef * kl) * share + w_sft * sft_loss * sft_share
+                    + regulariser / step_micro_batches)
 
             if not torch.isfinite(loss):
                 nonfinite = True
@@ -256,7 +340,7 @@ class Learner:
                 # Make every gradient NaN, so the optimizer's overflow check (ZeRO 1-3) discards the whole step
                 # instead of applying the finite part of it; stage 0 is handled before its step below.
                 loss = loss * float("nan")
-            self.engine.backward(loss * gas)
+            self.engine.backward(loss * gas * self.world_size)
             if self.cfg.learner.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 self._step_stage0(nonfinite)
             else:
@@ -270,12 +354,24 @@ class Learner:
                 totals[name] += stats[name] * token_share
 
         skipped = nonfinite or self.engine.skipped_steps > skipped_before
+        if self.world_size > 1:
+            # One NaN rank has poisoned every rank's averaged gradients; agree on the skip and sum the metrics.
+            summed = torch.tensor([totals[name] for name in _SUMMED_METRICS] + [float(skipped)], dtype=torch.float64,
+                                  device=self.device)
+            dist.all_reduce(summed)
+            *values, skipped_ranks = summed.tolist()
+            totals.update(zip(_SUMMED_METRICS, values))
+            skipped = skipped_ranks > 0
         grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None and not skipped else None
         totals["skipped"] = skipped
         totals["loss_tokens"] = total_tokens
         totals["pg_weight"], totals["sft_weight"] = (float(torch.as_tensor(w).detach()) for w in (w_pg, w_sft))
         if self.log_sigma is not None:
+            if self.world_size > 1 and self.log_sigma.grad is not None:
+                # Not a DeepSpeed parameter, so not averaged by it: each rank holds world_size x its shard's part.
+                dist.all_reduce(self.log_sigma.grad)
+                self.log_sigma.grad /= self.world_size
             if not skipped:
                 self.log_sigma_optimizer.step()
             self.log_sigma_optimizer.zero_grad()
@@ -321,18 +417,13 @@ class Learner:
         self.engine.skipped_steps += 1
 
     def _publish(self) -> None:
-        module = self.engine.module
-        gather = contextlib.nullcontext()
-        if self.cfg.learner.zero_stage == 3:  # parameters are partitioned; gather full tensors to write them
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-        with gather:
-            self.channel.publish(module.state_dict(), self.version)
+        # Every rank takes part in gathering ZeRO-3 partitions (the channel gathers all at once, or per bucket for
+        # nccl); rank 0 alone sends.
+        self.channel.publish_module(self.engine.module, self.version, self.cfg.learner.zero_stage, send=self.rank == 0)
 
     # ------------------------------------------------------------------ reading experience
 
-    def _collect(self, timeout_s: float | None) -> list[tuple[str, ExperienceRecord]] | None:
+    def _collect(self, timeout_s: float | None) -> list[tuple[str, ExperienceRecord, bytes]] | None:
         """Block until the buffer holds records_per_step fresh records; keep them for the next call on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         block_ms = self.cfg.learner.read_block_ms
@@ -353,7 +444,7 @@ class Learner:
 
     def _accept(self, entries) -> None:
         rejected, reasons, duplicates = [], [], []
-        buffered = {record.record_id for _, record in self._buffer}
+        buffered = {record.record_id for _, record, _ in self._buffer}
         for entry in entries:
             try:
                 record = self._check(decode_experience(entry.payload))
@@ -368,7 +459,7 @@ class Learner:
                 duplicates.append(entry.entry_id)
                 continue
             buffered.add(record.record_id)
-            self._buffer.append((entry.entry_id, record))
+            self._buffer.append((entry.entry_id, record, entry.payload))
         if rejected:
             # Dead-lettered (kept with the reason, acked): a malformed entry stays malformed, never retried.
             self.queue.dead_letter(rejected, reasons)
@@ -394,10 +485,10 @@ class Learner:
 
     def _drop_stale(self) -> None:
         limit = self.cfg.learner.max_staleness
-        fresh = [(eid, r) for eid, r in self._buffer if self.version - r.policy_version <= limit]
-        stale = [eid for eid, r in self._buffer if self.version - r.policy_version > limit]
+        fresh = [item for item in self._buffer if self.version - item[1].policy_version <= limit]
+        stale = [eid for eid, r, _ in self._buffer if self.version - r.policy_version > limit]
         if stale:
-            stale_prompts = {r.prompt_id for eid, r in self._buffer if self.version - r.policy_version > limit}
+            stale_prompts = {r.prompt_id for _, r, _ in self._buffer if self.version - r.policy_version > limit}
             self._buffer = fresh
             self.queue.ack(stale)
             incr_stats(self.client, self.keys, samples_dropped_stale=len(stale))
@@ -415,8 +506,13 @@ class Learner:
     # ------------------------------------------------------------------ checkpoints (learner/checkpoint.py)
 
     def checkpoint(self) -> str:
-        """Write a checkpoint of this step, then acknowledge the entries it covers."""
+        """Write a checkpoint of this step, then acknowledge the entries it covers. Collective with several ranks."""
+        if self.rank > 0:  # DeepSpeed's partition and RNG states of this rank; rank 0 writes the rest
+            path = save_checkpoint(self.engine, self.checkpoint_root, self.version, None)
+            self._checkpointed_version = self.version
+            return str(path)
         state = {
+            "world_size": self.world_size,
             "policy_version": self.version,
             "trained_record_ids": sorted(self._trained_ids),
             "trained_prompt_ids": sorted(self._trained_prompts),
@@ -455,6 +551,10 @@ class Learner:
     def _resume(self) -> None:
         """Load the newest checkpoint (if any) and publish its weights so the actors generate with them."""
         path = latest_checkpoint(self.checkpoint_root)
+        if self.world_size > 1:  # every rank loads the checkpoint rank 0 found
+            step = torch.tensor([-1 if path is None else int(path.name.split("-")[1])], device=self.device)
+            dist.broadcast(step, src=0)
+            path = None if int(step) < 0 else checkpoint_dir(self.checkpoint_root, int(step))
         if path is None:
             log.warning("--resume: no checkpoint in %s; starting from the initial model", self.checkpoint_root)
             self.resumed_from = 0
@@ -468,7 +568,8 @@ class Learner:
             with torch.no_grad():
                 self.log_sigma.copy_(torch.tensor(state["log_sigma"], device=self.log_sigma.device))
         # The learner's counters go back to the checkpoint: steps trained after it are trained again.
-        self.client.hset(self.keys.stats, mapping={k: v for k, v in state["counters"].items()})
+        if self.rank == 0:
+            self.client.hset(self.keys.stats, mapping={k: v for k, v in state["counters"].items()})
         self._publish()
         log.warning("resumed from %s (step %d)", path, self.version)
 
