@@ -6,8 +6,17 @@ collective_rpc("reload_weights") + prefix-cache reset). The floor is model bytes
 the same run as `dst.copy_(src)` into a preallocated tensor of the model's size. Publish and load are timed
 separately, interleaved with the memcpy measurement, >= 3 repeats each.
 
+With --channels shared_folder,ray_object_store the same update also goes through the Ray object store channel
+(ray.put of the safetensors bytes, fetched into the engine's tmpfs folder) on a local Ray cluster.
+
+--transport measures the nccl channel's data path alone, on this machine's device (CUDA: NCCL; CPU: gloo) with a
+one-rank group: plan buckets, pack each (copy into one buffer), broadcast, unpack and copy into a second model's
+tensors. A one-rank broadcast moves no bytes between GPUs, so this is the per-GPU cost around the wire (on one
+GPU NCCL refuses a second rank: "Duplicate GPU detected"); the floor is one device-to-device copy of the model.
+
     python bench/weight_sync.py                                      # tiny-llama, hf and vllm
     python bench/weight_sync.py --model smollm2-135m-instruct        # 538 MB fp32
+    python bench/weight_sync.py --transport --params 1.7e9 --dtype bfloat16   # bucketed transport, GB/s
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import _common  # noqa: F401  (environment first)
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,7 +34,7 @@ from resetrl.models import resolve_model
 from resetrl.queue import connect
 from resetrl.redis_server import EmbeddedRedis
 from resetrl.run_state import RunKeys
-from resetrl.weights import SharedFolderWeightChannel, unique_tensors
+from resetrl.weights import RayObjectStoreWeightChannel, SharedFolderWeightChannel, unique_tensors
 
 
 def memcpy_gbps(nbytes: int) -> float:
@@ -39,13 +49,95 @@ def memcpy_gbps(nbytes: int) -> float:
     return nbytes / seconds / 1e9
 
 
+def transport(params: float, dtype_name: str, bucket_mbs: list[float], repeats: int) -> dict:
+    """Seconds per update of the bucketed data path (plan, pack, broadcast, unpack + copy) vs one plain copy."""
+    import torch
+
+    from resetrl.weight_buckets import broadcast_bucket, open_group, open_store, pack_bucket, plan_buckets, unpack_bucket
+    from resetrl.weights import _free_port
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = getattr(torch, dtype_name)
+    # A Llama-like mix of shapes: square and MLP matrices of hidden 2048 until the parameter count is reached.
+    hidden, shapes, total = 2048, [], 0
+    while total < params:
+        for shape in ((hidden, hidden), (hidden, hidden // 4), (hidden, hidden // 4), (hidden, hidden),
+                      (4 * hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden), (hidden,), (hidden,)):
+            shapes.append(shape)
+            total += torch.Size(shape).numel()
+    source = {f"t{i}": torch.randn(shape, device=device).to(dtype) for i, shape in enumerate(shapes)}
+    target = {name: torch.empty_like(t) for name, t in source.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in source.values())
+    group = open_group(open_store("127.0.0.1", _free_port(), 0, 1, 120), 0, 1, "nccl" if cuda else "gloo", 120)
+    flat_src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    flat_dst = torch.empty_like(flat_src)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def floor_seconds():
+        sync()
+        started = time.perf_counter()
+        flat_dst.copy_(flat_src)
+        sync()
+        return time.perf_counter() - started
+
+    def update_seconds(buckets):
+        sync()
+        started = time.perf_counter()
+        for bucket in buckets:
+            buffer = pack_bucket(bucket, [source[s.name] for s in bucket], device)
+            broadcast_bucket(group, buffer)
+            for name, tensor in unpack_bucket(buffer, bucket):
+                target[name].copy_(tensor)
+        sync()
+        return time.perf_counter() - started
+
+    rows = {}
+    for bucket_mb in bucket_mbs:
+        buckets = plan_buckets([(n, t.shape, t.dtype) for n, t in source.items()], int(bucket_mb * 2**20))
+        update_seconds(buckets)  # warm-up: NCCL connects, the allocator caches the buffers
+        floors, updates = [], []
+        for rep in range(repeats):  # interleaved, alternating which goes first
+            pair = (floor_seconds, lambda: update_seconds(buckets))
+            for fn in pair if rep % 2 == 0 else pair[::-1]:
+                (floors if fn is floor_seconds else updates).append(fn())
+        assert all(torch.equal(target[n], source[n]) for n in source)
+        rows[f"bucket_{bucket_mb:g}MB"] = {
+            "buckets": len(buckets),
+            "update_seconds": stats(updates),
+            "seconds_per_gb": stats([u / (nbytes / 1e9) for u in updates]),
+            "gb_per_s": stats([nbytes / u / 1e9 for u in updates]),
+            "floor_copy_seconds": stats(floors),
+            "update_over_floor": stats([u / f for u, f in zip(updates, floors)]),
+        }
+    return {
+        "setup": {"params": total, "dtype": dtype_name, "bytes": nbytes, "tensors": len(shapes), "repeats": repeats,
+                  "device": torch.cuda.get_device_name(0) if cuda else "cpu", "backend": "nccl" if cuda else "gloo",
+                  "group_ranks": 1},
+        "rows": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(TINY))
     parser.add_argument("--model", default="tiny-llama", help="tiny-llama or smollm2-135m-instruct")
     parser.add_argument("--engines", default="hf,vllm")
+    parser.add_argument("--channels", default="shared_folder", help="shared_folder and/or ray_object_store")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--transport", action="store_true", help="only the nccl channel's bucketed data path")
+    parser.add_argument("--params", type=float, default=135e6, help="--transport: parameters moved per update")
+    parser.add_argument("--dtype", default="bfloat16", help="--transport: dtype of the parameters")
+    parser.add_argument("--bucket-mb", default="64,256,1024", help="--transport: bucket sizes to compare")
     args = parser.parse_args()
+    if args.transport:
+        result = transport(args.params, args.dtype, [float(b) for b in args.bucket_mb.split(",")], args.repeats)
+        result["machine"] = machine()
+        print(json.dumps(result, indent=1))
+        return
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -62,11 +154,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-weights-redis-") as tmp, EmbeddedRedis(tmp) as server, \
             tempfile.TemporaryDirectory(prefix="bench-weights-", dir="/dev/shm") as root:
         client = connect(server.url)
-        channel = SharedFolderWeightChannel(root, client, RunKeys(cfg.run_name))
         version = 0
-        for name in args.engines.split(","):
+        runs = [(c, e) for c in args.channels.split(",") for e in args.engines.split(",")]
+        if "ray_object_store" in args.channels:
+            import ray
+
+            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        for channel_name, engine_name in runs:
+            name = engine_name if channel_name == "shared_folder" else f"{engine_name} via {channel_name}"
+            channel = (SharedFolderWeightChannel(root, client, RunKeys(cfg.run_name)) if channel_name == "shared_folder"
+                       else RayObjectStoreWeightChannel(root, client, RunKeys(cfg.run_name)))
             started = time.perf_counter()
-            engine = make_engine(name, model_path, dtype="float32", seed=0, kv_cache_gib=cfg.rollout.vllm_kv_cache_gib)
+            engine = make_engine(engine_name, model_path, dtype="float32", seed=0,
+                                 kv_cache_gib=cfg.rollout.vllm_kv_cache_gib)
             startup = time.perf_counter() - started
             memcpy, publish, load = [], [], []
             for rep in range(args.repeats + 1):  # the first repeat warms up and is not counted
@@ -79,7 +179,7 @@ def main() -> None:
                 location = channel.publish(state, version)
                 published = time.perf_counter() - started
                 started = time.perf_counter()
-                engine.load_weights(location)
+                channel.load_into(engine, version, location)
                 loaded = time.perf_counter() - started
                 if rep:
                     memcpy.append(bandwidth)
@@ -102,7 +202,7 @@ def main() -> None:
 
     result = {
         "setup": {"model": args.model, "model_bytes": nbytes, "dtype": "float32", "repeats": args.repeats,
-                  "channel": "SharedFolderWeightChannel (/dev/shm)"},
+                  "channels": args.channels},
         "machine": machine(),
         "engines": results,
     }

@@ -42,5 +42,21 @@ class Engine(ABC):
     def load_weights(self, weights_dir: str) -> None:
         """Replace the model's weights with the safetensors files in weights_dir (same architecture)."""
 
+    # The nccl weight channel (resetrl/weights.py): the engine is a rank of the learner's broadcast group.
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> None:
+        """Become `rank` of the weight broadcast group whose store the learner hosts at host:port."""
+        raise NotImplementedError(
+            f"the {self.name} engine cannot receive broadcast weights: set learner.weight_channel to shared_folder "
+            "or ray_object_store"
+        )
+
+    def receive_weights(self, buckets: list[list[dict]]) -> None:
+        """Receive one update, bucket by bucket as planned (weight_buckets.TensorSpec JSON), into the model."""
+        raise NotImplementedError(
+            f"the {self.name} engine cannot receive broadcast weights: set learner.weight_channel to shared_folder "
+            "or ray_object_store"
+        )
+
     def close(self) -> None:
         """Release the engine's resources (processes, memory)."""

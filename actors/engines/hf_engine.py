@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
+from resetrl.weight_buckets import TensorSpec, open_group, open_store, receive_buckets
 
 
 class HFEngine(Engine):
@@ -167,6 +168,26 @@ class HFEngine(Engine):
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> None:
+        store = open_store(host, port, rank, world_size, timeout_s)
+        self._weight_group = open_group(store, rank, world_size, backend, timeout_s)
+
+    def receive_weights(self, buckets: list[list[dict]]) -> None:
+        plan = [[TensorSpec.from_json(raw) for raw in bucket] for bucket in buckets]
+        params = self.model.state_dict()
+        # Checked before receiving, but every bucket is still received: the learner's broadcast needs every rank.
+        problems = [f"{s.name}: not in this model" for b in plan for s in b if s.name not in params]
+        problems += [f"{s.name}: shape {s.shape}, the model's is {tuple(params[s.name].shape)}"
+                     for b in plan for s in b if s.name in params and tuple(params[s.name].shape) != s.shape]
+        with torch.no_grad():
+            for named in receive_buckets(self._weight_group, plan, self.device):
+                if not problems:
+                    for name, tensor in named:
+                        params[name].copy_(tensor)
+        if problems:
+            raise ValueError(f"broadcast weights do not fit this model ({len(problems)} tensors): {problems[:5]}")
 
     def close(self) -> None:
         self.model = None

@@ -8,6 +8,8 @@
   HF engine's by log(kept mass)); keep rollout.top_p = 1 for exact importance ratios.
 - Weight updates: `reload_weights` through collective_rpc. The live model's own `load_weights` fails on CPU
   (linear layers are repacked for the CPU kernels); reload_weights re-runs vLLM's loader and post-processing.
+  On GPUs the nccl weight channel broadcasts buckets straight into the workers instead (join_weight_group /
+  receive_weights, through the worker extension in vllm_weight_sync.py, which every engine carries).
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ class VLLMEngine(Engine):
             memory["kv_cache_memory_bytes"] = kv_cache_gib * 2**30
         else:
             memory["gpu_memory_utilization"] = gpu_memory_utilization
+        from resetrl.actors.engines.vllm_weight_sync import EXTENSION
+
         self.llm = vllm.LLM(
             model=str(model_path),
+            worker_extension_cls=EXTENSION,
             dtype=dtype,
             seed=seed,
             enforce_eager=True,
@@ -115,6 +120,17 @@ class VLLMEngine(Engine):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> None:
+        self.llm.collective_rpc("join_weight_group", kwargs={
+            "host": host, "port": port, "rank": rank, "world_size": world_size, "backend": backend,
+            "timeout_s": timeout_s,
+        })
+
+    def receive_weights(self, buckets: list[list[dict]]) -> None:
+        self.llm.collective_rpc("receive_weights", kwargs={"buckets": buckets})
+        self.llm.reset_prefix_cache()  # cached keys/values were computed by the old weights
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
