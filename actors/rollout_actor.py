@@ -3,6 +3,8 @@
 One loop, read top to bottom: take prompts -> pick up newer weights -> sample a group per prompt -> verify ->
 advantages -> push experience -> acknowledge the prompts. A prompt is acknowledged only after its experience
 is in the experience stream, so a dead worker's prompts are replayed (reclaimed by the others), never lost.
+A worker retired by `resetrl scale` stops taking new prompts and first finishes the ones it holds, so the
+driver can remove its consumer from the group with nothing pending.
 The class is plain Python; the driver wraps it with `ray.remote`.
 """
 
@@ -27,9 +29,11 @@ from resetrl.config import RunConfig
 from resetrl.data import render_prompt
 from resetrl.queue import StreamEntry, StreamQueue, connect
 from resetrl.record import WireFormatError, decode_prompt, encode_experience
-from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, incr_stats, stop_requested
+from resetrl.run_state import (
+    EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, incr_stats, retire_requested, stop_requested, write_heartbeat,
+)
 from resetrl.verifiers import get_verifier
-from resetrl.weights import SharedFolderWeightChannel
+from resetrl.weights import make_weight_channel
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ STRATEGIES = {
 
 # How often (in loop iterations) a worker looks for prompts that a dead worker left pending.
 _RECLAIM_EVERY = 20
+# An idle worker (empty prompt queue) still heartbeats this often, so `resetrl status` shows it alive.
+_IDLE_HEARTBEAT_S = 2.0
 
 
 class _RolloutMetrics:
@@ -85,7 +91,7 @@ class RolloutActor:
         self.client = connect(redis_url)
         self.prompts = StreamQueue(self.client, self.keys.prompts, PROMPT_GROUP, self.consumer)
         self.experience = StreamQueue(self.client, self.keys.experience, EXPERIENCE_GROUP, self.consumer)
-        self.weights = SharedFolderWeightChannel(weights_root, self.client, self.keys)
+        self.weights = make_weight_channel(cfg, "engine", self.client, self.keys, weights_root, worker_index=worker_index)
         self.verify = get_verifier(cfg.algorithm.verifier)
         self.engine = make_engine(
             cfg.rollout.engine,
@@ -107,9 +113,14 @@ class RolloutActor:
         self.policy_version = 0
         self.rng = random.Random(cfg.seed + 1000 * worker_index)  # RRPO's reset steps
         self.metrics = _RolloutMetrics(worker_index)
-        # A restarted actor must generate with the current policy, not the initial one (DESIGN.md).
+        # A restarted actor must generate with the current policy, not the initial one (DESIGN.md); so must
+        # one added by `resetrl scale` to a running job.
         self.sync_weights()
         incr_stats(self.client, self.keys, actor_starts=1)  # more than num_workers: Ray restarted one
+        self.totals = {"prompts": 0, "samples": 0, "tokens": 0}
+        self.last_batch_tokens_per_s = 0.0
+        self.last_heartbeat = 0.0
+        self.heartbeat("starting")
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -119,14 +130,19 @@ class RolloutActor:
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Work until the run's stop flag is set; returns this worker's totals."""
-        totals = {"prompts": 0, "samples": 0, "tokens": 0}
+        """Work until the run's stop flag is set, or until the driver retires this worker (`resetrl scale`):
+        then finish the prompts it holds first. Returns this worker's totals."""
+        totals = self.totals
         # Entries this consumer name already held (a restart of the same worker) come first.
         backlog = self.prompts.read(count=1000, pending=True)
         if backlog:
             incr_stats(self.client, self.keys, prompts_replayed=len(backlog))
+        self.heartbeat("running")
         iteration = 0
         while not stop_requested(self.client, self.keys):
+            if retire_requested(self.client, self.keys, self.worker_index):
+                self.finish_pending()  # the backlog is part of what this consumer holds pending
+                break
             iteration += 1
             if backlog:
                 entries, backlog = backlog[: self.cfg.rollout.prompts_per_batch], backlog[self.cfg.rollout.prompts_per_batch :]
@@ -137,12 +153,40 @@ class RolloutActor:
             else:
                 entries = self.prompts.read(count=self.cfg.rollout.prompts_per_batch, block_ms=500)
             if not entries:
+                # Idle workers keep up with the policy too: with the nccl channel the learner's broadcast waits for
+                # every engine, so a worker without prompts must still join it.
+                self.sync_weights()
+                if time.monotonic() - self.last_heartbeat > _IDLE_HEARTBEAT_S:
+                    self.heartbeat("running")
                 continue
             self.sync_weights()
-            batch = self.process(entries)
-            for name in totals:
-                totals[name] += batch[name]
+            self.process(entries)
+            self.heartbeat("running")
         return totals
+
+    def finish_pending(self) -> None:
+        """Retiring: take no new prompts; process every entry this consumer holds unacknowledged, batch by batch.
+
+        The entries are processed rather than handed back: pending entries can only move to another consumer by
+        being claimed, which a live worker does only after claim_idle_ms, so handing back would stall them.
+        """
+        self.heartbeat("retiring")
+        per_batch = self.cfg.rollout.prompts_per_batch
+        # Read wide: a held entry deleted meanwhile comes back empty and is skipped; it must not hide the rest.
+        while (held := self.prompts.read(count=1000, pending=True)) and not stop_requested(self.client, self.keys):
+            for start in range(0, len(held), per_batch):
+                self.sync_weights()
+                self.process(held[start : start + per_batch])
+                self.heartbeat("retiring")
+        self.heartbeat("retired")
+
+    def heartbeat(self, state: str) -> None:
+        """This worker's line in `resetrl status` (the run's `workers` hash in Redis)."""
+        self.last_heartbeat = time.monotonic()
+        write_heartbeat(
+            self.client, self.keys, self.worker_index, state=state, consumer=self.consumer, pid=os.getpid(),
+            policy_version=self.policy_version, tokens_per_s=round(self.last_batch_tokens_per_s, 2), **self.totals,
+        )
 
     def sync_weights(self) -> bool:
         latest = self.weights.latest()
@@ -150,7 +194,8 @@ class RolloutActor:
             return False
         version, location = latest
         started = time.perf_counter()
-        self.engine.load_weights(location)
+        if not self.weights.load_into(self.engine, version, location):  # pruned or called off: keep the old ones
+            return False
         self.policy_version = version
         incr_stats(self.client, self.keys, weight_loads=1, weight_load_seconds=time.perf_counter() - started)
         return True
@@ -191,7 +236,11 @@ class RolloutActor:
         )
         tokens = int(ctx.stats["tokens_generated"])
         self.metrics.record_batch(tokens, len(records), generate_seconds, self.policy_version)
-        return {"prompts": len(prompts), "samples": len(records), "tokens": tokens}
+        batch = {"prompts": len(prompts), "samples": len(records), "tokens": tokens}
+        for name in self.totals:
+            self.totals[name] += batch[name]
+        self.last_batch_tokens_per_s = tokens / max(generate_seconds, 1e-9)
+        return batch
 
     def close(self) -> None:
         self.engine.close()

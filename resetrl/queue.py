@@ -128,6 +128,24 @@ class StreamQueue:
     def pending_count(self) -> int:
         return int(self.client.xpending(self.stream, self.group)["pending"])
 
+    def consumers(self) -> dict[str, int]:
+        """The group's consumer names and how many entries each holds unacknowledged."""
+        return {info["name"].decode() if isinstance(info["name"], bytes) else info["name"]: int(info["pending"])
+                for info in self.client.xinfo_consumers(self.stream, self.group)}
+
+    def remove_consumer(self, consumer: str) -> int:
+        """Delete `consumer` from the group if it holds nothing; returns what it still holds (0 once removed).
+
+        XGROUP DELCONSUMER drops the consumer's pending entries with it, so one that still holds some is kept:
+        the live consumers reclaim those (XAUTOCLAIM) once they have been idle long enough.
+        """
+        held = self.consumers().get(consumer)
+        if held is None:
+            return 0
+        if held == 0:
+            self.client.xgroup_delconsumer(self.stream, self.group, consumer)
+        return held
+
 
 def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s

@@ -6,6 +6,8 @@ Counters live in one hash (`stats`) so `resetrl status` and the summary read the
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 
 import redis
@@ -57,6 +59,31 @@ class RunKeys:
         """How many prompts the driver has fed: the data cursor a resumed driver continues from."""
         return f"{self.prefix}:prompts_fed"
 
+    @property
+    def desired_workers(self) -> str:
+        """The rollout worker count `resetrl scale` asks for; the driver reconciles the pool to it."""
+        return f"{self.prefix}:desired_workers"
+
+    @property
+    def worker_count(self) -> str:
+        """A gauge: rollout workers the driver runs now (retiring ones not counted)."""
+        return f"{self.prefix}:worker_count"
+
+    @property
+    def retiring(self) -> str:
+        """A set of the worker indices asked to finish their pending prompts and exit."""
+        return f"{self.prefix}:retiring"
+
+    @property
+    def workers(self) -> str:
+        """A hash: worker index -> JSON heartbeat {policy_version, prompts, samples, tokens, ..., last_seen, state}."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def started_at(self) -> str:
+        """Unix time the run's train loop started (throughput in `resetrl status`)."""
+        return f"{self.prefix}:started_at"
+
 
 def incr_stats(client: redis.Redis, keys: RunKeys, **amounts: float) -> None:
     # HINCRBYFLOAT for every counter: it also adds to a field holding an integer, whereas HINCRBY fails on one
@@ -82,3 +109,50 @@ def stop_requested(client: redis.Redis, keys: RunKeys) -> bool:
 
 def request_stop(client: redis.Redis, keys: RunKeys) -> None:
     client.set(keys.stop, b"1")
+
+
+def retire_requested(client: redis.Redis, keys: RunKeys, worker_index: int) -> bool:
+    return bool(client.sismember(keys.retiring, str(worker_index)))
+
+
+def request_retire(client: redis.Redis, keys: RunKeys, worker_index: int) -> None:
+    client.sadd(keys.retiring, str(worker_index))
+
+
+def set_desired_workers(client: redis.Redis, keys: RunKeys, count: int) -> None:
+    if count < 1:
+        raise ValueError(f"a run needs at least 1 rollout worker (asked for {count})")
+    client.set(keys.desired_workers, count)
+
+
+def desired_workers(client: redis.Redis, keys: RunKeys) -> int | None:
+    raw = client.get(keys.desired_workers)
+    return int(raw) if raw is not None else None
+
+
+def start_worker_pool(client: redis.Redis, keys: RunKeys, count: int) -> None:
+    """A (resumed) run's pool starts at `count`: retire flags and heartbeats of an earlier driver go."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.retiring, keys.workers)
+    pipe.set(keys.desired_workers, count)
+    pipe.execute()
+
+
+def set_worker_count(client: redis.Redis, keys: RunKeys, count: int) -> None:
+    client.set(keys.worker_count, count)
+
+
+def forget_worker(client: redis.Redis, keys: RunKeys, worker_index: int) -> None:
+    """A worker that has left the pool: no retire flag, no line in `resetrl status`."""
+    pipe = client.pipeline(transaction=True)
+    pipe.srem(keys.retiring, str(worker_index))
+    pipe.hdel(keys.workers, str(worker_index))
+    pipe.execute()
+
+
+def write_heartbeat(client: redis.Redis, keys: RunKeys, worker_index: int, **fields) -> None:
+    client.hset(keys.workers, str(worker_index), json.dumps({**fields, "last_seen": time.time()}))
+
+
+def read_heartbeats(client: redis.Redis, keys: RunKeys) -> dict[int, dict]:
+    return {int(index): json.loads(value) for index, value in client.hgetall(keys.workers).items()}
