@@ -22,7 +22,7 @@ from resetrl.record import PromptRecord
 from resetrl.run_state import RunKeys
 from resetrl.verifiers import get_verifier
 from resetrl.verifiers.guard import call_with_timeout
-from resetrl.weights import SharedFolderWeightChannel
+from resetrl.weights import make_weight_channel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class Evaluator:
         self.cfg = cfg
         self.prompts = prompts
         self.client = connect(redis_url)
-        self.weights = SharedFolderWeightChannel(weights_root, self.client, RunKeys(cfg.run_name))
+        # shared_folder or ray_object_store (config.py rejects eval with nccl: the evaluator has no rank there).
+        self.weights = make_weight_channel(cfg, "engine", self.client, RunKeys(cfg.run_name), weights_root)
         self.verify = get_verifier(cfg.algorithm.verifier)
         self.engine = make_engine(
             cfg.rollout.engine, model_path, dtype=cfg.model.dtype, seed=cfg.seed + 777,
@@ -70,8 +71,8 @@ class Evaluator:
         """Score the newest published policy (the initial model before any publish) on every held-out problem."""
         latest = self.weights.latest()
         if latest is not None and latest[0] != self.policy_version:
-            self.engine.load_weights(latest[1])
-            self.policy_version = latest[0]
+            if self.weights.load_into(self.engine, *latest):
+                self.policy_version = latest[0]
         started = time.perf_counter()
         groups = self.engine.generate(self.prompt_token_ids, self.cfg.eval.samples, self.sampling)
         generate_seconds = time.perf_counter() - started

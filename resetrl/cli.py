@@ -1,9 +1,10 @@
-"""`resetrl` command line: train, status."""
+"""`resetrl` command line: train, status, scale."""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -49,11 +50,13 @@ def train(
         raise typer.Exit(2)
     from resetrl.driver import train as run_training
 
+    # SIGTERM (kill, Kubernetes, `ray job stop`) stops the run as Ctrl-C does: actors, learner, Ray and Redis.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         result = run_training(cfg, summary_path=summary, resume=resume is not None)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         typer.echo("interrupted: stopped the actors, the learner, Ray and Redis", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(143 if isinstance(exc, _Terminated) else 130)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "reward_curve"}, indent=2))
 
 
@@ -62,29 +65,149 @@ def status(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="a run directory (reads run.json there)"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help="the run's Redis"),
     run_name: str = typer.Option("run", "--run-name"),
+    alive_seconds: float = typer.Option(60.0, "--alive-seconds", help="a worker unseen for longer is not alive"),
 ) -> None:
-    """Show a running job's queues, policy version and counters, read from Redis."""
-    from resetrl.queue import connect
-    from resetrl.run_state import RunKeys, read_stats
+    """Show a running job's queues, policy versions, rollout workers, throughput and counters, read from Redis."""
+    import time
 
-    if run_dir is not None:
-        info = json.loads((run_dir / "run.json").read_text())
-        redis_url, run_name = redis_url or info["redis_url"], info["run_name"]
-    if not redis_url:
-        typer.echo("error: give --run-dir or --redis-url", err=True)
-        raise typer.Exit(2)
-    client = connect(redis_url)
-    keys = RunKeys(run_name)
+    from resetrl.queue import StreamQueue
+    from resetrl.run_state import PROMPT_GROUP, read_heartbeats, read_stats
+
+    client, keys = _run_redis(run_dir, redis_url, run_name)
     weights = {k.decode(): v.decode() for k, v in client.hgetall(keys.weights).items()}
+    learner_version = int(client.get(keys.learner_version) or 0)
+    stats = read_stats(client, keys)
+    now = time.time()
+    try:
+        held = StreamQueue(client, keys.prompts, PROMPT_GROUP, "status").consumers()
+    except Exception:  # the group does not exist yet (the driver is still starting)
+        held = {}
+    workers = []
+    for index, beat in sorted(read_heartbeats(client, keys).items()):
+        seen_ago = now - beat.get("last_seen", 0)
+        workers.append({
+            "index": index, **beat, "version_lag": learner_version - beat.get("policy_version", 0),
+            "seconds_since_seen": round(seen_ago, 1),
+            "alive": beat.get("state") != "retired" and seen_ago <= alive_seconds,
+            "pending_prompts": held.get(beat.get("consumer", f"rollout-{index}"), 0),
+        })
+    started_at = client.get(keys.started_at)
+    elapsed = now - float(started_at) if started_at else None
     report = {
-        "run_name": run_name,
+        "run_name": keys.run_name,
         "prompt_queue_depth": client.xlen(keys.prompts),
         "experience_queue_depth": client.xlen(keys.experience),
         "dead_letters": {"prompts": client.xlen(f"{keys.prompts}:dead"), "experience": client.xlen(f"{keys.experience}:dead")},
         "policy_version": int(weights.get("version", 0)),
-        "stats": read_stats(client, keys),
+        "learner_policy_version": learner_version,
+        "workers_desired": int(client.get(keys.desired_workers) or 0),
+        "worker_count": int(client.get(keys.worker_count) or 0),
+        "workers_alive": sum(worker["alive"] for worker in workers),
+        "workers": workers,
+        "prompt_consumers": held,  # consumer name -> prompts it holds unacknowledged
+        "elapsed_seconds": round(elapsed, 1) if elapsed is not None else None,
+        "tokens_per_s": round(stats.get("tokens_generated", 0) / elapsed, 2) if elapsed else None,
+        "samples_per_s": round(stats.get("samples_generated", 0) / elapsed, 3) if elapsed else None,
+        "stats": stats,
     }
     typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def scale(
+    workers: int = typer.Option(..., "--workers", "-n", help="how many rollout workers the job should run (>= 1)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="a run directory (reads run.json there)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="the run's Redis"),
+    run_name: str = typer.Option("run", "--run-name"),
+) -> None:
+    """Add or remove rollout workers of a running job; a removed worker first finishes the prompts it holds."""
+    from resetrl.run_state import set_desired_workers, stop_requested
+
+    if workers < 1:
+        typer.echo(f"error: --workers {workers}: a job needs at least 1 rollout worker", err=True)
+        raise typer.Exit(2)
+    client, keys = _run_redis(run_dir, redis_url, run_name)
+    running = client.get(keys.worker_count)
+    if running is None or stop_requested(client, keys):
+        typer.echo(f"error: no running job '{keys.run_name}' in that Redis (finished, stopping, or still starting "
+                   "its workers; check --run-name / `resetrl status`)", err=True)
+        raise typer.Exit(1)
+    set_desired_workers(client, keys, workers)
+    # The driver applies it within a second; `resetrl status` shows the workers as they join or retire.
+    typer.echo(json.dumps({"run_name": keys.run_name, "workers_desired": workers, "workers_running": int(running)}))
+
+
+def _run_redis(run_dir: Optional[Path], redis_url: Optional[str], run_name: str):
+    """(client, RunKeys) of a run named by --run-dir (its run.json) or --redis-url and --run-name."""
+    import re
+
+    import redis
+
+    from resetrl.queue import connect
+    from resetrl.run_state import RunKeys
+
+    if run_dir is not None:
+        info_path = run_dir / "run.json"
+        if not info_path.is_file():
+            typer.echo(f"error: --run-dir {run_dir}: no run.json there; give the RUN_DIR of a started run", err=True)
+            raise typer.Exit(2)
+        info = json.loads(info_path.read_text())
+        redis_url, run_name = redis_url or info["redis_url"], info["run_name"]
+    if not redis_url:
+        typer.echo("error: give --run-dir or --redis-url", err=True)
+        raise typer.Exit(2)
+    probe = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        probe.ping()
+    except redis.RedisError as exc:
+        where = re.sub(r"//[^@/]*@", "//***@", redis_url)  # no password in the message
+        typer.echo(f"error: cannot reach the run's Redis at {where} ({exc}); has the run finished?", err=True)
+        raise typer.Exit(1)
+    finally:
+        probe.close()
+    return connect(redis_url), RunKeys(run_name)
+
+
+@app.command()
+def submit(
+    address: str = typer.Option(..., "--address", envvar="RAY_DASHBOARD_ADDRESS",
+                                help="the cluster's dashboard, e.g. http://HEAD:8265"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML preset, e.g. configs/tiny.yaml"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. learner.lr=1e-5"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="stream the job's logs and exit with its status"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="RAY_AUTH_TOKEN", show_default=False,
+                                        help="the cluster's Ray auth token (RAY_AUTH_MODE=token clusters)"),
+    env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job's environment (repeatable)"),
+) -> None:
+    """Run `resetrl train` on an existing Ray cluster as a Ray Job; exits 0 when the job SUCCEEDED."""
+    from resetrl.submit import SubmitError, submit as submit_job
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    extra_env = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            typer.echo(f"error: --env {item}: expected KEY=VALUE", err=True)
+            raise typer.Exit(2)
+        extra_env[key] = value
+    try:
+        code = submit_job(address, config, list(overrides or []), cfg, wait=wait, token=token, extra_env=extra_env)
+    except SubmitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the driver is, so it unwinds through the same cleanup as Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -222,14 +222,31 @@ class LearnerConfig(_Section):
     max_staleness: int = Field(
         1, ge=0, description="records more than this many policy versions old are dropped (0 = synchronous)"
     )
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    cpus: float = Field(1.0, gt=0, description="CPUs of each learner rank")
+    gpus: float = Field(0.0, ge=0, description="GPUs of each learner rank")
+    world_size: int = Field(
+        1, ge=1, description="learner ranks: Ray actors in one placement group (PACK) forming one torch.distributed "
+        "group (NCCL on GPUs, gloo on CPU) for DeepSpeed data parallelism; rank 0 reads the experience stream and "
+        "broadcasts each step's records, every rank trains on records_per_step / world_size of them. Each rank gets "
+        "learner.cpus CPUs and learner.gpus GPUs"
+    )
     read_block_ms: int = Field(1000, ge=1, description="how long one experience read blocks")
     checkpoint_every: int = Field(
         0, ge=0, description="write a resumable checkpoint to RUN_DIR/checkpoints every N steps (and at the end); "
         "0 = off. When on, experience is acknowledged only once a checkpoint covers it"
     )
     checkpoint_keep: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    weight_channel: Literal["shared_folder", "ray_object_store", "nccl"] = Field(
+        "shared_folder", description="how new weights reach the engines (resetrl/weights.py). shared_folder: a "
+        "safetensors file in /dev/shm announced via Redis (learner and engines on one host). ray_object_store: "
+        "ray.put once per version, each engine fetches it to its own host (several CPU nodes, no NCCL). nccl: "
+        "bucketed broadcast from learner rank 0 to every engine over a process group of their own (GPUs; gloo on "
+        "CPU); the learner waits until every engine joins, between their generation batches"
+    )
+    weight_bucket_mb: float = Field(256.0, gt=0, description="nccl: bytes per broadcast bucket (MiB); bounds the "
+                                    "extra memory on both sides and, under ZeRO-3, how much is gathered at once")
+    weight_join_timeout_s: float = Field(300.0, gt=0, description="nccl: how long the learner waits for every "
+                                         "engine to join an update before calling it off (engines keep their weights)")
 
 
 class EvalConfig(_Section):
@@ -319,6 +336,19 @@ class RunConfig(_Section):
             raise ValueError(
                 f"learner.micro_batch_size ({self.learner.micro_batch_size}) must divide "
                 f"learner.prompts_per_step * {size} = {self.records_per_step}: pick a divisor"
+            )
+        ranks = self.learner.world_size
+        if ranks > 1 and self.records_per_step % (ranks * self.learner.micro_batch_size):
+            raise ValueError(
+                f"records per step ({self.records_per_step} = learner.prompts_per_step x records per prompt) must be "
+                f"a multiple of learner.world_size x learner.micro_batch_size = {ranks} x "
+                f"{self.learner.micro_batch_size}: every rank trains an equal share in whole micro-batches; change "
+                "learner.prompts_per_step, learner.micro_batch_size or learner.world_size"
+            )
+        if self.eval.holdout and self.learner.weight_channel == "nccl":
+            raise ValueError(
+                "eval.holdout with learner.weight_channel=nccl: the evaluator is not a rank of the NCCL group; use "
+                "learner.weight_channel=ray_object_store (or shared_folder on one host), or eval.holdout=0"
             )
         reset = self.algorithm.reset
         if self.algorithm.name in ("rrpo", "srpo") and reset.max_fresh_samples < reset.records_per_prompt:

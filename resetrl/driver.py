@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import PromptRecord, WireFormatError, decode_experience, decode_prompt, encode_prompt
 from resetrl.redis_server import EmbeddedRedis, free_port
-from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, read_stats, request_stop
+from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, desired_workers, read_stats, request_stop
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -84,6 +86,7 @@ class RunServices:
     started_ray: bool = False
     weights_root: Path | None = None
     actors: list = field(default_factory=list)
+    rollout_pool: object | None = None  # the RolloutPool once created; it owns the rollout actors from then on
     learner: object | None = None
     client: object | None = None
     keys: RunKeys | None = None
@@ -99,15 +102,32 @@ def _weights_root(cfg: RunConfig) -> Path:
 
 
 def _start_ray(cfg: RunConfig, services: RunServices) -> None:
-    env = {**_WORKER_ENV_DEFAULTS, **{k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "RAY_AUTH"))}}
+    # RAY_AUTH_MODE travels to the workers; RAY_AUTH_TOKEN does not: a runtime_env is shown in the dashboard, and
+    # workers get the cluster's token from their raylet.
+    env = {**_WORKER_ENV_DEFAULTS, **{k: v for k, v in os.environ.items()
+                                      if k.startswith(("VLLM_", "RAY_AUTH")) and k != "RAY_AUTH_TOKEN"}}
     env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.vllm_kv_cache_gib)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": env}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep the caller's (the CLI's unwinds the
+    # run like Ctrl-C and exits 143).
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    try:
+        _init_ray(cfg, services, {"env_vars": env})
+    finally:
+        if threading.current_thread() is threading.main_thread() and sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
+
+
+def _init_ray(cfg: RunConfig, services: RunServices, runtime_env: dict) -> None:
+    # Inside a Ray Job (`resetrl submit`) the job supervisor sets RAY_ADDRESS to its cluster: join it, start
+    # nothing. Outside a job RAY_ADDRESS is often the dashboard URL kept for `ray job` commands: not ours to use.
+    in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    address = cfg.ray.address or (os.environ.get("RAY_ADDRESS") if in_ray_job else None)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         dashboard_port = cfg.ray.dashboard_port
         if cfg.ray.include_dashboard and not _port_is_free(cfg.ray.dashboard_host, dashboard_port):
@@ -166,8 +186,9 @@ def _status_line(step_metrics: dict | None, stats: dict, depth: int, version: in
 
 def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool = False) -> dict:
     """Run a job; with resume=True continue the run in cfg.run_path (checkpoint, queues, counters) instead."""
+    from resetrl.actors.pool import RolloutPool
     from resetrl.actors.rollout_actor import RolloutActor
-    from resetrl.learner.learner import Learner
+    from resetrl.learner.group import LearnerGroup
 
     run_dir = cfg.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,8 +232,7 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         sink = MetricsSink(run_dir / "tensorboard" if cfg.tensorboard else None)
         services.weights_root = _weights_root(cfg)
         services.weights_root.mkdir(parents=True, exist_ok=True)
-        learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus)
-        services.learner = learner_cls.remote(cfg, model_path, redis_url, str(services.weights_root), resume=resume)
+        services.learner = LearnerGroup(cfg, model_path, redis_url, str(services.weights_root), resume=resume)
         if resume:  # actors must start from the checkpoint's weights, which the learner publishes as it loads
             ray.get(services.learner.policy_version.remote())
         actor_cls = ray.remote(RolloutActor).options(
@@ -221,27 +241,29 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
             max_restarts=cfg.rollout.max_restarts,
             max_task_retries=-1,  # a restarted actor resumes its run() loop
         )
-        services.actors = [
-            actor_cls.remote(cfg, index, model_path, redis_url, str(services.weights_root))
-            for index in range(cfg.rollout.num_workers)
-        ]
-        engine_names = ray.get([actor.engine_name.remote() for actor in services.actors])
+        # The pool starts rollout.num_workers actors; `resetrl scale` changes the count while the job runs.
+        pool = services.rollout_pool = RolloutPool(
+            lambda index: actor_cls.remote(cfg, index, model_path, redis_url, str(services.weights_root)),
+            client, keys, prompt_queue, say=console.log,
+        )
+        pool.start(cfg.rollout.num_workers)
+        engine_names = ray.get(pool.engine_refs)
         start_step = ray.get(services.learner.policy_version.remote())
-        # Process ids, for `resetrl status` and the fault tests (tests/faults) that kill them. Asked before run():
-        # an actor runs one task at a time, so a pid() queued behind its endless run() would never return.
-        pids = {"learner_pid": ray.get(services.learner.pid.remote()),
-                "actor_pids": ray.get([actor.pid.remote() for actor in services.actors])}
+        # Process ids, for `resetrl status` and the fault tests (tests/faults) that kill them; the pool keeps
+        # actor_pids up to date as workers come and go.
+        pids = {"learner_pid": ray.get(services.learner.pid.remote())}
         (run_dir / "run.json").write_text(json.dumps({"run_name": cfg.run_name, "redis_url": redis_url, **pids}))
+        _write_actor_pids(run_dir, pool)
         if held_out:
             _start_evaluator(cfg, services, model_path, redis_url, held_out).run_now()  # the starting accuracy
-        actor_runs = [actor.run.remote() for actor in services.actors]
 
-        summary = _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs,
+        summary = _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, pool,
                               start_step=start_step)
         summary["engine"] = engine_names[0]
         summary["resumed_from_step"] = start_step if resume else None
         request_stop(client, keys)
-        ray.get(actor_runs, timeout=120)
+        pool.wait_stopped(timeout_s=120)
+        summary.update(pool.summary())
         accounting = ray.get(services.learner.finish.remote())  # last checkpoint, every trained entry acked
         if services.held_out_eval is not None:
             services.held_out_eval.run_now()  # the final policy
@@ -287,7 +309,12 @@ def _feed_target(cfg: RunConfig, step: int, stats: dict, starved_batches: int) -
     return window + int(stats.get("prompts_without_records", 0)) + stale_prompts + starved_batches * per_step
 
 
-def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, actor_runs,
+def generation_budget_spent(cfg: RunConfig, tokens_generated_by_step: list[int]) -> bool:
+    """total_tokens is checked at step ends (tokens generated when each step ended), so a run stops on a whole step."""
+    return bool(cfg.total_tokens and tokens_generated_by_step and tokens_generated_by_step[-1] >= cfg.total_tokens)
+
+
+def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, pool,
                 start_step: int = 0) -> dict:
     # The data cursor lives in Redis (keys.prompts_fed): a resumed run goes on where the previous one stopped.
     feeder = PromptFeeder(prompt_queue, prompts, fed=int(client.get(keys.prompts_fed) or 0), cursor_key=keys.prompts_fed)
@@ -300,11 +327,10 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
     generate_seconds_curve: list[float] = []  # the actors' summed generate_seconds counter
     step, version, last_metrics, starved_batches = start_step, start_step, None, 0
     loop_started = time.monotonic()
+    client.set(keys.started_at, time.time(), nx=True)  # throughput in `resetrl status`; a resumed run keeps it
     view = _ProgressView(cfg.total_steps)
     with view.progress:
-        # total_tokens: the generation budget is checked at step ends, so a run stops on a whole step.
-        while step < cfg.total_steps and not (
-                cfg.total_tokens and tokens_generated_curve and tokens_generated_curve[-1] >= cfg.total_tokens):
+        while step < cfg.total_steps and not generation_budget_spent(cfg, tokens_generated_curve):
             feeder.feed_until(_feed_target(cfg, step, read_stats(client, keys), starved_batches))
             pending = services.learner.train_step.remote(timeout_s=5.0)
             while True:
@@ -314,7 +340,11 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
                 view.update(step, _status_line(last_metrics, stats, experience_queue.depth(), version, elapsed))
                 if done:
                     break
-                _raise_if_rollout_died(actor_runs)
+                # `resetrl scale` writes the wanted worker count to Redis; one GET per poll is the whole cost.
+                pool.reconcile(desired_workers(client, keys))
+                if pool.poll():  # first: a dead worker that scale added is dropped there, not raised below
+                    _write_actor_pids(cfg.run_path, pool)
+                _raise_if_rollout_died(pool.active_runs)
             metrics = ray.get(pending)
             if metrics is None:
                 # Every fed prompt is done, yet the learner lacks records (strategies may yield fewer than
@@ -372,6 +402,18 @@ def _start_evaluator(cfg: RunConfig, services: RunServices, model_path: str, red
     return services.held_out_eval
 
 
+def _write_actor_pids(run_dir: Path, pool) -> None:
+    """Keep run.json's actor_pids (running workers, by index) current; written whole, then renamed into place."""
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text())
+    pids = pool.pids()
+    info["actor_pids"] = list(pids.values())
+    info["actor_pid_by_worker"] = {str(index): pid for index, pid in pids.items()}
+    partial = info_path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(info))
+    partial.replace(info_path)
+
+
 def _raise_if_rollout_died(actor_runs: list) -> None:
     finished, _ = ray.wait(actor_runs, num_returns=len(actor_runs), timeout=0)
     for ref in finished:
@@ -412,11 +454,17 @@ def _shutdown(services: RunServices) -> None:
             request_stop(services.client, services.keys)
         except Exception:
             pass
-    for handle in [*services.actors, services.learner]:
+    actors = services.rollout_pool.handles if services.rollout_pool is not None else services.actors
+    for handle in actors:
         if handle is None:
             continue
         try:
             ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+    if services.learner is not None:
+        try:
+            services.learner.kill()  # every rank, and their placement group
         except Exception:
             pass
     if services.evaluator is not None:
@@ -424,6 +472,8 @@ def _shutdown(services: RunServices) -> None:
             ray.kill(services.evaluator, no_restart=True)
         except Exception:
             pass
+    if services.keys is not None and ray.is_initialized():
+        _kill_weight_store(services.keys.run_name)
     if services.client is not None:
         services.client.close()
     if services.started_ray and ray.is_initialized():
@@ -434,6 +484,22 @@ def _shutdown(services: RunServices) -> None:
         _shutdown_redis(services.adopted_redis)
     if services.weights_root is not None:
         shutil.rmtree(services.weights_root.parent, ignore_errors=True)
+
+
+def _kill_weight_store(run_name: str) -> None:
+    """learner.weight_channel=ray_object_store keeps versions in a detached actor, which would outlive the job on a
+    cluster that stays up."""
+    from resetrl.weights import RayObjectStoreWeightChannel
+
+    try:
+        store = ray.get_actor(RayObjectStoreWeightChannel.store_name_for(run_name),
+                              namespace=RayObjectStoreWeightChannel.NAMESPACE)
+    except ValueError:
+        return  # another channel, or already gone
+    try:
+        ray.kill(store, no_restart=True)
+    except Exception:
+        pass
 
 
 def _live_run_redis(run_dir: Path) -> str | None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -34,15 +35,22 @@ def _run_processes() -> set[int]:
     return pids
 
 
-def _leftovers(before: set[int], grace_s: float = 20.0) -> list[str]:
+def _leftovers(mark: str, grace_s: float = 20.0) -> list[str]:
+    """Processes of the run started with _env(mark) still alive after grace_s.
+
+    Every process a run starts (Ray's GCS, raylet, dashboard and workers, the embedded redis-server) inherits the
+    driver's environment, so the mark finds exactly this run's processes, not those of runs beside it.
+    """
+    needle = f"RESETRL_TEST_RUN={mark}".encode()
     deadline = time.monotonic() + grace_s
     while True:
         alive = []
-        for pid in _run_processes() - before:
+        for proc in psutil.process_iter(["pid"]):
             try:
-                alive.append(" ".join(psutil.Process(pid).cmdline())[:160])
-            except psutil.Error:
-                pass
+                if needle in Path(f"/proc/{proc.pid}/environ").read_bytes() and proc.pid != os.getpid():
+                    alive.append(" ".join(proc.cmdline())[:160])
+            except (OSError, psutil.Error):
+                continue
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
@@ -55,15 +63,19 @@ def _train_command(tmp_path: Path, *overrides: str) -> list[str]:
     ]
 
 
-def _env() -> dict:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def _env(mark: str | None = None) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    if mark:
+        env["RESETRL_TEST_RUN"] = mark  # see _leftovers
+    return env
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
 def test_tiny_preset_trains_end_to_end(tmp_path, engine):
-    before = _run_processes()
+    mark = uuid.uuid4().hex
     result = subprocess.run(
-        _train_command(tmp_path, f"rollout.engine={engine}", "eval.holdout=2", "eval.every=1"), cwd=REPO, env=_env(),
+        _train_command(tmp_path, f"rollout.engine={engine}", "eval.holdout=2", "eval.every=1"),
+        cwd=REPO, env=_env(mark),
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -91,13 +103,16 @@ def test_tiny_preset_trains_end_to_end(tmp_path, engine):
     assert curve[-1]["tokens_generated"] == summary["tokens_generated_curve"][-1] > 0
     assert all(point["problems"] == 2 and 0 <= point["accuracy"] <= 1 for point in curve)
     assert [p["policy_version"] for p in curve] == sorted({p["policy_version"] for p in curve})
-    assert _leftovers(before) == []
+    assert _leftovers(mark) == []
 
 
-def test_ctrl_c_stops_everything(tmp_path):
-    before = _run_processes()
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_everything(tmp_path, stop_signal):
+    """Ctrl-C (SIGINT to the terminal's process group) and SIGTERM to the driver alone (kill, Kubernetes, `ray job
+    stop`) both stop every process of the run."""
+    mark = uuid.uuid4().hex
     proc = subprocess.Popen(
-        _train_command(tmp_path, "rollout.engine=hf", "total_steps=50"), cwd=REPO, env=_env(),
+        _train_command(tmp_path, "rollout.engine=hf", "total_steps=50"), cwd=REPO, env=_env(mark),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     output = []
@@ -107,17 +122,20 @@ def test_ctrl_c_stops_everything(tmp_path):
         output.append(line)
         if "step 1/50" in line or time.monotonic() > deadline:
             break
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: SIGINT to the foreground group
+    if stop_signal == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: SIGINT to the foreground group
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     try:
         rest, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
         rest, _ = proc.communicate()
-        pytest.fail("train did not stop within 120 s of Ctrl-C:\n" + "".join(output)[-3000:])
+        pytest.fail(f"train did not stop within 120 s of {stop_signal}:\n" + "".join(output)[-3000:])
     text = "".join(output) + rest
     assert "step 1/50" in text, text[-3000:]
-    assert proc.returncode == 130, text[-3000:]
-    assert _leftovers(before) == []
+    assert proc.returncode == (130 if stop_signal == "SIGINT" else 143), text[-3000:]
+    assert _leftovers(mark) == []
 
 
 @pytest.mark.parametrize("method", ["rrpo", "srpo"])
@@ -128,13 +146,13 @@ def test_reset_methods_train_end_to_end(tmp_path, method):
     and few sentence ends; a space as the step delimiter splits it into many steps, so most reset points have a
     non-empty prefix to mask.
     """
-    before = _run_processes()
+    mark = uuid.uuid4().hex
     result = subprocess.run(
         _train_command(
             tmp_path, "rollout.engine=hf", f"algorithm.name={method}", "algorithm.reset.step_delimiter=' '",
             "learner.prompts_per_step=1", "total_steps=2",
         ),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=_env(mark), capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -148,4 +166,4 @@ def test_reset_methods_train_end_to_end(tmp_path, method):
     if method == "srpo":
         assert counters["localisations"] == counters["resets"]
         assert summary["localisation_parse_rate"] is not None
-    assert _leftovers(before) == []
+    assert _leftovers(mark) == []

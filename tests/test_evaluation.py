@@ -1,4 +1,5 @@
-"""Held-out evaluation (config section `eval`): the split, the evaluator on a real engine, the summary curve."""
+"""Held-out evaluation (config section `eval`): the split, the evaluator on a real engine, the summary curve; and
+the generation budget (total_tokens) that bench/algorithms.py compares methods at."""
 
 from __future__ import annotations
 
@@ -81,3 +82,13 @@ def test_evaluator_scores_held_out_problems_and_follows_published_weights(tmp_pa
         assert evaluator.engine.model.model.embed_tokens.weight.detach().allclose(model.model.embed_tokens.weight)
     finally:
         evaluator.close()
+
+
+def test_generation_budget_stops_at_the_first_step_end_over_total_tokens():
+    from resetrl.driver import generation_budget_spent
+
+    budget = load_config(None, ["total_tokens=1000"])
+    assert not generation_budget_spent(budget, [])
+    assert not generation_budget_spent(budget, [400, 999])
+    assert generation_budget_spent(budget, [400, 999, 1000])
+    assert not generation_budget_spent(load_config(None, []), [10**9])  # no budget: total_steps alone decides
