@@ -63,6 +63,10 @@ def _train_command(tmp_path: Path, *overrides: str) -> list[str]:
     ]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env(mark: str | None = None) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if mark:
@@ -114,6 +118,9 @@ def test_ctrl_c_or_sigterm_stops_everything(tmp_path, stop_signal):
     proc = subprocess.Popen(
         _train_command(tmp_path, "rollout.engine=hf", "total_steps=50"), cwd=REPO, env=_env(mark),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # A foreground job's Ctrl-C: this pytest may itself run in the background (a CI runner, nohup), whose
+        # children inherit SIGINT ignored, and Python leaves an ignored SIGINT ignored.
+        preexec_fn=_default_sigint,
     )
     output = []
     deadline = time.monotonic() + 600
