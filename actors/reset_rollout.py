@@ -2,8 +2,10 @@
 
 Per prompt: fresh samples until G1 plus one failed parent exist (at most max_fresh_samples); no failure ->
 a plain GRPO group of the same size. For a parent: split it into steps, choose the reset step k (RRPO: uniform;
-SRPO: the model's own localisation), and sample G2 continuations from prompt + steps 1..k-1. G1 and G2 are
-z-scored separately; G2 trains on its continuation tokens only.
+SRPO: the model's own localisation; oracle: the true first wrong step, from reset.step_checker), and sample G2
+continuations from prompt + steps 1..k-1. G1 and G2 are z-scored separately; G2 trains on its continuation tokens
+only. With a step checker configured, every chosen k is also scored against the true first wrong step
+(localisation_accuracy).
 
 Every stage is batched over all prompts of the batch: one engine call per fresh-sampling round, one for all
 localisations, one for all continuations; never one prompt at a time.
@@ -21,6 +23,7 @@ from resetrl.algorithms.advantages import grpo_advantages
 from resetrl.algorithms.resets import (
     localisation_prompt,
     offset_reset_step,
+    oracle_reset_step,
     parse_localised_step,
     prefix_token_length,
     random_reset_step,
@@ -28,6 +31,7 @@ from resetrl.algorithms.resets import (
     select_parent,
 )
 from resetrl.algorithms.shaping import group_has_signal
+from resetrl.algorithms.step_checkers import get_step_checker
 from resetrl.algorithms.steps import token_step_starts
 from resetrl.data import render_text
 from resetrl.record import ExperienceRecord, PromptRecord
@@ -103,16 +107,29 @@ def _reset_points(ctx: RolloutContext, states: list[_PromptState]) -> list[_Rese
         steps = [ctx.decode(parent.token_ids[a:b]).replace(reset_cfg.step_delimiter, " ").strip() for a, b in zip(starts, ends)]
         parents.append((state, parent, starts, steps))
 
+    # The true first wrong step of each parent, where a step checker can tell (synthetic tasks); else None.
+    checker = get_step_checker(reset_cfg.step_checker) if reset_cfg.step_checker else None
+    first_wrong = [checker(steps, state.prompt) if checker else None for state, _parent, _starts, steps in parents]
+    ctx.stats["first_wrong_step_unknown"] += sum(checker is not None and k is None for k in first_wrong)
+
     chosen: list[list[tuple[int, tuple | None]]] = []  # per parent: [(k, localisation)] x resets_per_parent
     if ctx.cfg.algorithm.name == "srpo":
         chosen = _localise(ctx, parents)
+    elif ctx.cfg.algorithm.name == "oracle":
+        chosen = [[(oracle_reset_step(k, len(steps)), None)] * reset_cfg.resets_per_parent
+                  for k, (_state, _parent, _starts, steps) in zip(first_wrong, parents)]
     else:
         chosen = [[(random_reset_step(len(steps), ctx.rng), None) for _ in range(reset_cfg.resets_per_parent)]
                   for _state, _parent, _starts, steps in parents]
 
     points = []
-    for (state, parent, starts, steps), picks in zip(parents, chosen):
+    for (state, parent, starts, steps), picks, true_step in zip(parents, chosen, first_wrong):
         for index, (step, localisation) in enumerate(picks):
+            if true_step is not None:
+                # Localisation accuracy: the chosen k (before step_offset) against the true first wrong step;
+                # for rrpo that is the random baseline, for oracle 1 by construction.
+                ctx.stats["localisation_checked"] += 1
+                ctx.stats["localisation_correct"] += step == true_step
             step = offset_reset_step(step, reset_cfg.step_offset, len(steps))
             prefix = parent.token_ids[: prefix_token_length(starts, step)]
             ctx.stats["resets"] += 1

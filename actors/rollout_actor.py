@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # algorithm.name -> how a batch of prompts becomes experience (each strategy batches its engine calls).
 STRATEGIES = {
-    "grpo": grpo_rollout, "rrpo": reset_rollout, "srpo": reset_rollout,
+    "grpo": grpo_rollout, "rrpo": reset_rollout, "srpo": reset_rollout, "oracle": reset_rollout,
     "srl": srl_rollout, "superrl": superrl_rollout, "repair": repair_rollout,
 }
 

@@ -121,6 +121,11 @@ class ResetConfig(_Section):
     train_localisation: bool = Field(
         False, description="SRPO: also train on the localisation text (advantage +1) when a continuation from its reset succeeds"
     )
+    step_checker: str | None = Field(
+        None, description="a name registered in resetrl.algorithms.step_checkers (e.g. arithmetic_lines): finds the "
+        "true first wrong step of a parent. Required by oracle (it resets there); with rrpo/srpo it scores the chosen "
+        "step (localisation_accuracy)"
+    )
 
     @property
     def records_per_prompt(self) -> int:
@@ -174,9 +179,9 @@ class RepairConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "rrpo", "srpo", "srl", "superrl", "repair"] = Field(
+    name: Literal["grpo", "rrpo", "srpo", "oracle", "srl", "superrl", "repair"] = Field(
         "grpo", description="grpo: outcome only; rrpo: reset failed trajectories at a random step; srpo: at the step "
-        "the model flags; srl: step-similarity to an expert solution; superrl: PG or SFT on the expert per prompt; "
+        "the model flags; oracle: at the true first wrong step (reset.step_checker; synthetic testbed); srl: step-similarity to an expert solution; superrl: PG or SFT on the expert per prompt; "
         "repair: the policy repairs its failures, accepted repairs are trained on their differing tokens"
     )
     verifier: str = Field("math", description="a name registered in resetrl.verifiers")
@@ -194,7 +199,7 @@ class AlgorithmConfig(_Section):
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0, description="0.28 = DAPO clip-higher")
     dual_clip: float | None = Field(
-        None, gt=1, description="dual-clip constant c for negative advantages; rrpo/srpo default to 3 (the paper's code)"
+        None, gt=1, description="dual-clip constant c for negative advantages; rrpo/srpo/oracle default to 3 (the paper's code)"
     )
     kl_coef: float = Field(0.0, ge=0, description="weight of the k3 KL to the initial (reference) model")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal; the driver refills")
@@ -207,8 +212,21 @@ class AlgorithmConfig(_Section):
 
     @model_validator(mode="after")
     def _reset_defaults(self) -> "AlgorithmConfig":
-        if self.name in ("rrpo", "srpo") and "dual_clip" not in self.model_fields_set:
+        if self.name in ("rrpo", "srpo", "oracle") and "dual_clip" not in self.model_fields_set:
             self.__dict__["dual_clip"] = 3.0
+        if self.name == "oracle" and self.reset.step_checker is None:
+            raise ValueError(
+                "algorithm.name=oracle resets at the true first wrong step, which a step checker finds: set "
+                "algorithm.reset.step_checker (e.g. algorithm.reset.step_checker=arithmetic_lines)"
+            )
+        if self.reset.step_checker is not None:
+            from resetrl.algorithms.step_checkers import registered
+
+            if self.reset.step_checker not in registered():
+                raise ValueError(
+                    f"algorithm.reset.step_checker={self.reset.step_checker!r} is not a registered step checker; "
+                    f"registered: {', '.join(registered())}"
+                )
         return self
 
 
@@ -309,10 +327,10 @@ class RunConfig(_Section):
 
     @property
     def records_per_prompt(self) -> int:
-        """Trained trajectories per prompt: G for grpo; G1 + G2 x resets for rrpo/srpo (and their GRPO fallback);
+        """Trained trajectories per prompt: G for grpo; G1 + G2 x resets for rrpo/srpo/oracle (and their GRPO fallback);
         at most G x instances for srl, G for superrl (1 when the prompt goes to SFT), G + repairs for repair. A
         prompt that yields fewer is reported to the driver, which feeds replacements (prompts_without_records)."""
-        if self.algorithm.name in ("rrpo", "srpo"):
+        if self.algorithm.name in ("rrpo", "srpo", "oracle"):
             return self.algorithm.reset.records_per_prompt
         if self.algorithm.name == "srl":
             return self.rollout.group_size * self.algorithm.srl.instances_per_prompt
@@ -330,6 +348,7 @@ class RunConfig(_Section):
             size = {
                 "rrpo": "(reset.g1_size + reset.g2_size * resets_per_parent)",
                 "srpo": "(reset.g1_size + reset.g2_size * resets_per_parent)",
+                "oracle": "(reset.g1_size + reset.g2_size * resets_per_parent)",
                 "srl": "rollout.group_size * srl.instances_per_prompt",
                 "repair": "(rollout.group_size + repair.repairs_per_prompt)",
             }.get(self.algorithm.name, "rollout.group_size")
@@ -351,7 +370,7 @@ class RunConfig(_Section):
                 "learner.weight_channel=ray_object_store (or shared_folder on one host), or eval.holdout=0"
             )
         reset = self.algorithm.reset
-        if self.algorithm.name in ("rrpo", "srpo") and reset.max_fresh_samples < reset.records_per_prompt:
+        if self.algorithm.name in ("rrpo", "srpo", "oracle") and reset.max_fresh_samples < reset.records_per_prompt:
             raise ValueError(
                 f"algorithm.reset.max_fresh_samples ({reset.max_fresh_samples}) must be at least g1_size + g2_size x "
                 f"resets_per_parent ({reset.records_per_prompt}): the GRPO fallback trains that many fresh samples"

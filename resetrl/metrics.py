@@ -26,6 +26,8 @@ DRIVER_SCALARS = {
     "reset_rate": "prompts that got a reset (a failed parent) / prompts",
     "fallback_rate": "prompts without a failed parent (plain GRPO group) / prompts",
     "localisation_parse_rate": "SRPO localisations whose step number parsed / localisations",
+    "localisation_accuracy": "chosen reset steps equal to the true first wrong step (reset.step_checker) / checked "
+    "(srpo: self-localisation; rrpo: the random baseline; oracle: 1)",
     "reset_step_mean": "mean reset step k",
     "parent_steps_mean": "mean number of steps of the reset parents",
     "reset_step_fraction": "mean k / steps of the parent",
@@ -54,6 +56,7 @@ def derived_rates(stats: dict) -> dict[str, float | None]:
         "reset_rate": _ratio(get("reset_prompts"), prompts_classified),
         "fallback_rate": _ratio(get("fallback_prompts"), prompts_classified),
         "localisation_parse_rate": _ratio(get("localisation_parsed"), get("localisations")),
+        "localisation_accuracy": _ratio(get("localisation_correct"), get("localisation_checked")),
         "reset_step_mean": _ratio(get("reset_step_sum"), get("resets")),
         "parent_steps_mean": _ratio(get("parent_steps_sum"), get("resets")),
         "reset_step_fraction": _ratio(get("reset_step_fraction_sum"), get("resets")),

@@ -1,8 +1,8 @@
 """RRPO and SRPO: reset a failed trajectory at a step and resample from there (arXiv 2605.25507).
 
 Per prompt (ALGORITHMS.md, "RRPO" and "SRPO"): fresh samples give G1 and one failed *parent*; a reset step k is
-chosen in the parent (uniformly for RRPO, by the policy itself for SRPO); continuations sampled from
-prompt + the parent's steps 1..k-1 form G2. Advantages are z-scores within G1 and within G2 separately, and G2
+chosen in the parent (uniformly for RRPO, by the policy itself for SRPO, at the true first wrong step for the
+synthetic testbed's oracle); continuations sampled from prompt + the parent's steps 1..k-1 form G2. Advantages are z-scores within G1 and within G2 separately, and G2
 trains on its continuation tokens only. These are the pure pieces of that recipe; the rollout actor strings them
 together. No Ray, Redis or DeepSpeed here (STYLE.md).
 """
@@ -49,6 +49,18 @@ def random_reset_step(num_steps: int, rng: random.Random) -> int:
     if num_steps < 1:
         raise ValueError(f"a parent needs at least one step to reset, got num_steps={num_steps}")
     return rng.randint(1, num_steps)
+
+
+def oracle_reset_step(first_wrong_step: int | None, num_steps: int) -> int:
+    """The oracle reset step (algorithm.name=oracle): the true first wrong step, found by a step checker
+    (resetrl.algorithms.step_checkers), clamped to 1..num_steps. It is the upper bound of what SRPO's
+    self-localisation can reach. A failed parent in which the checker finds no wrong step (e.g. cut off before its
+    answer) resets at its last step: every step before it checked out, so only the ending is resampled."""
+    if num_steps < 1:
+        raise ValueError(f"a parent needs at least one step to reset, got num_steps={num_steps}")
+    if first_wrong_step is None:
+        return num_steps
+    return min(max(first_wrong_step, 1), num_steps)
 
 
 def localisation_prompt(
