@@ -17,7 +17,8 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 # The fast benchmarks (a few minutes on 2 cores; docs/benchmarks.md). Results: bench/results/<name>/ (JSON + PNG).
-# On demand, slower: bench/async_overlap.py (runs `resetrl train` 6 times), bench/algorithms.py (hours on CPU).
+# On demand, slower: bench/async_overlap.py (runs `resetrl train` 6 times), bench/algorithms.py (~35 min),
+# bench/synthetic_testbed.py (~25 min busy, --quick).
 bench: install
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/weight_sync.py

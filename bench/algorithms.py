@@ -13,7 +13,7 @@ GRPO's own count. Training reward per step (smoothed over --smooth steps) is rep
 
 It takes long on CPU (each SmolLM2 step is about a minute on 2 cores); run it on demand, in the background:
 
-    python bench/algorithms.py --config configs/smollm2-chain3-steps.yaml --token-budget 20000
+    python bench/algorithms.py --config configs/smollm2-arith-steps.yaml --token-budget 5000   # ~35 min on 2 cores
     python bench/algorithms.py --config configs/tiny.yaml --token-budget 600 --holdout 4 --eval-every 1  # smoke
 """
 
@@ -70,9 +70,9 @@ def tokens_to_reach(tokens: list[int], rewards: list[float], target: float) -> i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/smollm2-chain3-steps.yaml")
+    parser.add_argument("--config", default="configs/smollm2-arith-steps.yaml")
     parser.add_argument("--methods", default="grpo,rrpo,srpo", help="comma list; grpo is the reference")
-    parser.add_argument("--token-budget", type=int, default=20000, help="generated tokens per method")
+    parser.add_argument("--token-budget", type=int, default=5000, help="generated tokens per method")
     parser.add_argument("--max-steps", type=int, default=1000, help="a cap in steps, in case the budget is never met")
     parser.add_argument("--holdout", type=int, help="eval.holdout (default: the preset's)")
     parser.add_argument("--eval-every", type=int, help="eval.every (default: the preset's)")
