@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import ray
 
 from resetrl.queue import StreamQueue
+from resetrl.ray_actors import kill_actor
 from resetrl.run_state import (
     RunKeys, forget_worker, incr_stats, request_retire, set_desired_workers, set_worker_count, start_worker_pool,
 )
@@ -141,7 +142,7 @@ class RolloutPool:
             request_retire(self.client, self.keys, index)
             if not self._has_started(worker):
                 # Still loading (or waiting for CPUs): its run() has not read a prompt yet, so nothing to finish.
-                ray.kill(worker.handle, no_restart=True)
+                kill_actor(worker.handle)
             self.retiring[index] = worker
         self.removed += n
         incr_stats(self.client, self.keys, workers_removed=n)
@@ -213,10 +214,7 @@ class RolloutPool:
         except Exception as exc:  # died while retiring (or killed before it started): the others reclaim its prompts
             totals = None
             log.warning("rollout worker %d ended with an error while retiring: %s", worker.index, exc)
-        try:
-            ray.kill(worker.handle, no_restart=True)
-        except Exception:
-            pass
+        kill_actor(worker.handle)
         still_held = self.prompt_queue.remove_consumer(worker.consumer)
         forget_worker(self.client, self.keys, worker.index)
         self.retired.append({"index": worker.index, "consumer": worker.consumer, "totals": totals,
@@ -238,10 +236,7 @@ class RolloutPool:
             error = "its run() returned"
         except Exception as exc:
             error = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-        try:
-            ray.kill(worker.handle, no_restart=True)
-        except Exception:
-            pass
+        kill_actor(worker.handle)
         still_held = self.prompt_queue.remove_consumer(worker.consumer)  # if any, the live workers reclaim them
         forget_worker(self.client, self.keys, worker.index)
         set_desired_workers(self.client, self.keys, self.count)

@@ -68,6 +68,41 @@ def tokens_to_reach(tokens: list[int], rewards: list[float], target: float) -> i
     return None
 
 
+def compare_summaries(summaries: dict, smooth_window: int, row_extras) -> tuple[float, dict, dict]:
+    """(GRPO's final held-out accuracy, curves, table) from the run summaries of each method.
+
+    curves[m]: the eval curve (accuracy vs tokens generated) and the per-step training reward, raw and smoothed.
+    table[m]: steps, tokens, first/last/best accuracy and the tokens (and ratio to GRPO's) at which m first reached
+    GRPO's final accuracy, plus row_extras(summary, curves[m]).
+    """
+    curves, table = {}, {}
+    for method, s in summaries.items():
+        rewards, tokens = s.get("reward_curve") or [], s.get("tokens_generated_curve") or []
+        evals = s.get("eval_curve") or []
+        if not evals or len(tokens) != len(rewards):
+            raise SystemExit(f"{method}: the summary lacks eval_curve or the per-step reward/token curves")
+        curves[method] = {
+            "eval_tokens_generated": [point["tokens_generated"] for point in evals],
+            "eval_accuracy": [point["accuracy"] for point in evals],
+            "eval_policy_version": [point["policy_version"] for point in evals],
+            "tokens_generated": tokens, "reward": rewards, "reward_smoothed": smooth(rewards, smooth_window),
+        }
+    target = curves["grpo"]["eval_accuracy"][-1]
+    grpo_tokens = tokens_to_reach(curves["grpo"]["eval_tokens_generated"], curves["grpo"]["eval_accuracy"], target)
+    for method, s in summaries.items():
+        c = curves[method]
+        reached = tokens_to_reach(c["eval_tokens_generated"], c["eval_accuracy"], target)
+        table[method] = {
+            "steps": s["steps"], "tokens_generated": s.get("tokens_generated"),
+            "accuracy_first": c["eval_accuracy"][0], "accuracy_last": c["eval_accuracy"][-1],
+            "accuracy_best": max(c["eval_accuracy"]),
+            "tokens_to_grpo_final_accuracy": reached,
+            "tokens_ratio_vs_grpo": None if reached is None or not grpo_tokens else round(reached / grpo_tokens, 3),
+            **row_extras(s, c),
+        }
+    return target, curves, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2-arith-steps.yaml")
@@ -96,35 +131,13 @@ def main() -> None:
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         summaries = {m: run_method(m, args, Path(tmp)) for m in methods}
 
-    curves, table = {}, {}
-    for method, s in summaries.items():
-        rewards, tokens = s.get("reward_curve") or [], s.get("tokens_generated_curve") or []
-        evals = s.get("eval_curve") or []
-        if not evals or len(tokens) != len(rewards):
-            raise SystemExit(f"{method}: the summary lacks eval_curve or the per-step reward/token curves")
-        curves[method] = {
-            "eval_tokens_generated": [point["tokens_generated"] for point in evals],
-            "eval_accuracy": [point["accuracy"] for point in evals],
-            "eval_policy_version": [point["policy_version"] for point in evals],
-            "tokens_generated": tokens, "reward": rewards, "reward_smoothed": smooth(rewards, args.smooth),
-        }
-    target = curves["grpo"]["eval_accuracy"][-1]
-    grpo_tokens = tokens_to_reach(curves["grpo"]["eval_tokens_generated"], curves["grpo"]["eval_accuracy"], target)
-    for method, s in summaries.items():
-        c = curves[method]
-        reached = tokens_to_reach(c["eval_tokens_generated"], c["eval_accuracy"], target)
-        table[method] = {
-            "steps": s["steps"], "records_per_step": s["records_per_step"], "samples_trained": s.get("samples_trained"),
-            "tokens_generated": s.get("tokens_generated"), "tokens_trained": s.get("tokens_trained"),
-            "accuracy_first": c["eval_accuracy"][0], "accuracy_last": c["eval_accuracy"][-1],
-            "accuracy_best": max(c["eval_accuracy"]),
-            "reward_first": s.get("reward_mean_first"), "reward_last_smoothed": round(c["reward_smoothed"][-1], 4),
-            "tokens_to_grpo_final_accuracy": reached,
-            "tokens_ratio_vs_grpo": None if reached is None or not grpo_tokens else round(reached / grpo_tokens, 3),
-            "wall_seconds": s.get("wall_seconds"),
-            **{k: s[k] for k in ("reset_rate", "localisation_parse_rate", "g2_success_rate", "superrl_sft_fraction")
-               if s.get(k) is not None},
-        }
+    target, curves, table = compare_summaries(summaries, args.smooth, lambda s, c: {
+        "records_per_step": s["records_per_step"], "samples_trained": s.get("samples_trained"),
+        "tokens_trained": s.get("tokens_trained"), "reward_first": s.get("reward_mean_first"),
+        "reward_last_smoothed": round(c["reward_smoothed"][-1], 4), "wall_seconds": s.get("wall_seconds"),
+        **{k: s[k] for k in ("reset_rate", "localisation_parse_rate", "g2_success_rate", "superrl_sft_fraction")
+           if s.get(k) is not None},
+    })
     result = {
         "setup": {"config": args.config, "methods": methods, "token_budget": args.token_budget, "seed": args.seed,
                   "smooth": args.smooth, "overrides": args.override},

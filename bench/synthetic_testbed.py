@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, machine, write_results
-from algorithms import run_method, smooth, tokens_to_reach
+from algorithms import compare_summaries, run_method
 
 NAME = "synthetic_testbed"
 PROMPT_TEMPLATE = "Q: {question}\n"
@@ -377,33 +377,12 @@ def main() -> None:
 
 
 def report(args, policy: dict, preset: Path, summaries: dict) -> None:
-    curves, table = {}, {}
-    for method, s in summaries.items():
-        evals = s.get("eval_curve") or []
-        if not evals:
-            raise SystemExit(f"{method}: the summary has no eval_curve")
-        rewards = s.get("reward_curve") or []
-        curves[method] = {
-            "eval_tokens_generated": [p["tokens_generated"] for p in evals],
-            "eval_accuracy": [p["accuracy"] for p in evals],
-            "tokens_generated": s.get("tokens_generated_curve") or [], "reward_smoothed": smooth(rewards, args.smooth),
-        }
-    target = curves["grpo"]["eval_accuracy"][-1]
-    grpo_tokens = tokens_to_reach(curves["grpo"]["eval_tokens_generated"], curves["grpo"]["eval_accuracy"], target)
-    for method, s in summaries.items():
-        c = curves[method]
-        reached = tokens_to_reach(c["eval_tokens_generated"], c["eval_accuracy"], target)
-        table[method] = {
-            "steps": s["steps"], "tokens_generated": s.get("tokens_generated"),
-            "accuracy_first": c["eval_accuracy"][0], "accuracy_last": c["eval_accuracy"][-1],
-            "accuracy_best": max(c["eval_accuracy"]),
-            "tokens_to_grpo_final_accuracy": reached,
-            "tokens_ratio_vs_grpo": None if reached is None or not grpo_tokens else round(reached / grpo_tokens, 3),
-            "localisation_accuracy": s.get("localisation_accuracy"),
-            "localisation_checked": (s.get("counters") or {}).get("localisation_checked"),
-            "reset_rate": s.get("reset_rate"), "g2_success_rate": s.get("g2_success_rate"),
-            "wall_seconds": s.get("wall_seconds"), "process_seconds": s.get("process_seconds"),
-        }
+    target, curves, table = compare_summaries(summaries, args.smooth, lambda s, c: {
+        "localisation_accuracy": s.get("localisation_accuracy"),
+        "localisation_checked": (s.get("counters") or {}).get("localisation_checked"),
+        "reset_rate": s.get("reset_rate"), "g2_success_rate": s.get("g2_success_rate"),
+        "wall_seconds": s.get("wall_seconds"), "process_seconds": s.get("process_seconds"),
+    })
     result = {
         "setup": {k: v for k, v in vars(args).items()}, "preset": str(preset), "machine": machine(),
         "sft": policy, "grpo_final_accuracy": target, "table": table, "curves": curves,

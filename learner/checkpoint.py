@@ -111,18 +111,27 @@ def save_checkpoint(engine, root: str | Path, step: int, learner_state: dict | N
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         engine.save_checkpoint(str(staging), tag=ENGINE_TAG, save_latest=False)
-        (staging / "learner_state.json").write_text(json.dumps(learner_state))
         save_rng_state(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _promote(staging, final, learner_state)
+    _prune(root, keep)
+    return final
+
+
+def _promote(staging: Path, final: Path, learner_state: dict | None) -> None:
+    """Add learner_state and make the staged folder checkpoint `final`, atomically (fsynced, then renamed)."""
+    try:
+        (staging / "learner_state.json").write_text(json.dumps(learner_state))
         _fsync_tree(staging)
         if final.exists():  # the same step written again (a resumed learner re-reaching it)
             shutil.rmtree(final)
         staging.rename(final)
-        _fsync_dir(root)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _prune(root, keep)
-    return final
 
 
 def _save_checkpoint_ranks(engine, root: Path, final: Path, learner_state: dict | None, keep: int, rank: int) -> Path:
@@ -136,16 +145,7 @@ def _save_checkpoint_ranks(engine, root: Path, final: Path, learner_state: dict 
     save_rng_state(staging, rank)
     dist.barrier()  # every rank's partition is on disk before rank 0 makes the folder a checkpoint
     if rank == 0:
-        try:
-            (staging / "learner_state.json").write_text(json.dumps(learner_state))
-            _fsync_tree(staging)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-            _fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        _promote(staging, final, learner_state)
         _prune(root, keep)
     dist.barrier()  # no rank goes on (to a load, to the next save) before the rename
     return final

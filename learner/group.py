@@ -18,6 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from resetrl.config import RunConfig
+from resetrl.ray_actors import kill_actor
 
 # How long the placement group may wait for its resources before the run gives up with an explanation.
 PLACEMENT_TIMEOUT_S = 300.0
@@ -110,10 +111,7 @@ class LearnerGroup:
     def kill(self) -> None:
         """End every rank's process now (Ctrl-C, a failed run); unacked experience stays pending in Redis."""
         for rank in self.ranks:
-            try:
-                ray.kill(rank, no_restart=True)
-            except Exception:
-                pass
+            kill_actor(rank)
         if self.placement_group is not None:
             try:
                 remove_placement_group(self.placement_group)

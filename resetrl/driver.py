@@ -30,6 +30,7 @@ from resetrl.evaluation import HeldOutEval, eval_summary
 from resetrl.metrics import MetricsSink, derived_rates
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
+from resetrl.ray_actors import kill_actor
 from resetrl.record import PromptRecord, WireFormatError, decode_experience, decode_prompt, encode_prompt
 from resetrl.redis_server import EmbeddedRedis, free_port
 from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, desired_workers, read_stats, request_stop
@@ -456,22 +457,13 @@ def _shutdown(services: RunServices) -> None:
             pass
     actors = services.rollout_pool.handles if services.rollout_pool is not None else services.actors
     for handle in actors:
-        if handle is None:
-            continue
-        try:
-            ray.kill(handle, no_restart=True)
-        except Exception:
-            pass
+        kill_actor(handle)
     if services.learner is not None:
         try:
             services.learner.kill()  # every rank, and their placement group
         except Exception:
             pass
-    if services.evaluator is not None:
-        try:
-            ray.kill(services.evaluator, no_restart=True)
-        except Exception:
-            pass
+    kill_actor(services.evaluator)
     if services.keys is not None and ray.is_initialized():
         _kill_weight_store(services.keys.run_name)
     if services.client is not None:
@@ -496,10 +488,7 @@ def _kill_weight_store(run_name: str) -> None:
                               namespace=RayObjectStoreWeightChannel.NAMESPACE)
     except ValueError:
         return  # another channel, or already gone
-    try:
-        ray.kill(store, no_restart=True)
-    except Exception:
-        pass
+    kill_actor(store)
 
 
 def _live_run_redis(run_dir: Path) -> str | None:

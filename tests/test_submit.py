@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from resetrl.redis_server import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOKEN = "resetrl-test-token-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -57,10 +52,10 @@ def ray_head(**env: str):
     """A Ray head with 2 CPUs on free ports; yields its dashboard URL; stops exactly what it started."""
     # Short path: Ray's unix sockets live under the temp dir and the path length is limited (~107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
-    dashboard_port = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port()}
+    dashboard_port = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
     command = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--block", f"--temp-dir={temp_dir}",
                "--dashboard-host=127.0.0.1", "--disable-usage-stats",
                *[f"{flag}={port}" for flag, port in ports.items()]]
@@ -101,7 +96,7 @@ _SMALL_RUN = ("--config", "configs/tiny.yaml", "total_steps=2", "rollout.engine=
 
 def test_bad_config_fails_before_submission():
     # No cluster is listening here: exit 2 with the config error proves nothing was sent.
-    result = _submit(f"http://127.0.0.1:{_free_port()}", "--config", "configs/tiny.yaml", "rollout.num_worker=2",
+    result = _submit(f"http://127.0.0.1:{free_port()}", "--config", "configs/tiny.yaml", "rollout.num_worker=2",
                      timeout=120)
     assert result.returncode == 2, result.stderr
     assert "rollout.num_worker: unknown key; did you mean 'num_workers'?" in result.stderr
@@ -109,7 +104,7 @@ def test_bad_config_fails_before_submission():
 
 
 def test_unreachable_cluster_is_reported():
-    result = _submit(f"http://127.0.0.1:{_free_port()}", "--config", "configs/tiny.yaml", timeout=120)
+    result = _submit(f"http://127.0.0.1:{free_port()}", "--config", "configs/tiny.yaml", timeout=120)
     assert result.returncode == 1, result.stderr
     assert "cannot reach the Ray dashboard" in result.stderr
 

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from resetrl.redis_server import free_port
 from resetrl.weight_buckets import (
     bucket_nbytes, broadcast_bucket, open_group, open_store, pack_bucket, plan_buckets, unpack_bucket,
 )
@@ -22,14 +23,6 @@ from resetrl.weight_buckets import (
 pytestmark = pytest.mark.gpu
 
 PROMPTS = [[1, 17, 42, 99, 7], [3, 200, 5]]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +89,7 @@ def test_single_rank_nccl_broadcast_carries_a_model_into_another_on_gpu(tiny_dir
     tensors = dict(sender.named_parameters())
     buckets = plan_buckets([(n, t.shape, t.dtype) for n, t in tensors.items()], bucket_bytes=128 * 1024)
     assert len(buckets) > 1
-    group = open_group(open_store("127.0.0.1", _free_port(), 0, 1, 60), 0, 1, "nccl", 60)
+    group = open_group(open_store("127.0.0.1", free_port(), 0, 1, 60), 0, 1, "nccl", 60)
     params = receiver.state_dict()
     with torch.no_grad():
         for bucket in buckets:
@@ -203,7 +196,7 @@ def test_zero3_learner_gathers_bucket_by_bucket_into_an_engine(tiny_dir, tmp_pat
     from resetrl.weights import NcclWeightChannel
 
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
         torch.cuda.set_device(0)
         deepspeed.init_distributed(dist_backend="nccl")
