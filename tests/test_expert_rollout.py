@@ -11,9 +11,9 @@ import random
 import numpy as np
 
 from resetrl.actors.engines import SamplingSettings
-from resetrl.actors.repair_rollout import repair_rollout
-from resetrl.actors.srl_rollout import srl_rollout
-from resetrl.actors.superrl_rollout import superrl_rollout
+from resetrl.methods.repair import repair_rollout
+from resetrl.methods.srl import srl_rollout
+from resetrl.methods.superrl import superrl_rollout
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import config_from_dict
 from resetrl.data import render_prompt

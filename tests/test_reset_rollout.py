@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from resetrl.actors.engines import SamplingSettings
-from resetrl.actors.reset_rollout import reset_rollout
+from resetrl.methods import get_method
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import config_from_dict
 from resetrl.data import render_prompt
@@ -37,7 +37,7 @@ def run_strategy(tiny_hf, method: str, num_prompts: int = 6):
                          SamplingSettings(max_new_tokens=12, temperature=1.0), policy_version=7, rng=random.Random(0))
     prompts = [PromptRecord(f"p{i}", f"What is {i} + {i}?", str(2 * i), "basic_arithmetic") for i in range(num_prompts)]
     ids = [render_prompt(tokenizer, cfg.data, p) for p in prompts]
-    records = reset_rollout(ctx, prompts, [f"{p.prompt_id}@0-{i}" for i, p in enumerate(prompts)], ids)
+    records = get_method(cfg.algorithm.name).rollout(ctx, prompts, [f"{p.prompt_id}@0-{i}" for i, p in enumerate(prompts)], ids)
     return cfg, ctx, counter, prompts, ids, records
 
 

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from resetrl.actors.engines import SamplingSettings
-from resetrl.actors.reset_rollout import reset_rollout
+from resetrl.methods import get_method
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.algorithms.resets import oracle_reset_step
 from resetrl.algorithms.step_checkers import arithmetic_lines, chain_operations, get_step_checker, register
@@ -101,7 +101,7 @@ def run_with_checker(tiny_hf, method: str):
                          SamplingSettings(max_new_tokens=12, temperature=1.0), policy_version=0, rng=random.Random(0))
     prompts = [PromptRecord(f"p{i}", f"What is {i} + {i}?", str(2 * i), "basic_arithmetic") for i in range(6)]
     ids = [render_prompt(tokenizer, cfg.data, p) for p in prompts]
-    records = reset_rollout(ctx, prompts, [f"{p.prompt_id}@0" for p in prompts], ids)
+    records = get_method(cfg.algorithm.name).rollout(ctx, prompts, [f"{p.prompt_id}@0" for p in prompts], ids)
     return ctx, prompts, records
 
 

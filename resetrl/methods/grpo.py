@@ -1,35 +1,38 @@
-"""GRPO rollout: G samples per prompt, outcome rewards, one z-scored advantage per trajectory (ALGORITHMS.md)."""
+"""GRPO (DeepSeekMath, arXiv 2402.03300; docs/algorithms.md, "GRPO"): G samples per prompt, outcome rewards, one
+z-scored advantage per trajectory on every response token. The outcome-only baseline every other method is
+measured against; its variants (Dr.GRPO, DAPO's clip-higher, dynamic sampling and overlong penalty) are options of
+the algorithm section, not methods of their own."""
 
 from __future__ import annotations
 
-import torch
-
-from resetrl.actors.trajectories import RolloutContext, trajectory_record
-from resetrl.algorithms.advantages import grpo_advantages
-from resetrl.algorithms.shaping import group_has_signal
+from resetrl.actors.trajectories import RolloutContext, ScoredGroup, count_rewards, credit_groups, groups_with_signal
+from resetrl.methods.base import Method, register_method
 from resetrl.record import ExperienceRecord, PromptRecord
 
 
-def grpo_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str], prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
-    """All prompts of the batch in one engine call."""
-    algo = ctx.cfg.algorithm
-    records = []
-    groups = ctx.generate(prompt_ids, ctx.cfg.rollout.group_size)
+def outcome_groups(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str], prompt_ids: list[list[int]],
+                   group_size: int) -> list[ScoredGroup]:
+    """Sample group_size completions per prompt (one engine call for the batch) and score them."""
+    groups = ctx.generate(prompt_ids, group_size)
+    scored = []
     for prompt, group_id, ids, completions in zip(prompts, group_ids, prompt_ids, groups):
         rewards = [ctx.score(prompt, completion.text, completion) for completion in completions]
-        ctx.stats["reward_sum"] += sum(rewards)
-        ctx.stats["rewards_scored"] += len(rewards)
-        if algo.dynamic_sampling and not group_has_signal(rewards):
-            # DAPO dynamic sampling: an all-equal group has zero advantage everywhere; the driver feeds a new prompt.
-            ctx.stats["prompts_without_records"] += 1
-            ctx.stats["groups_dropped_no_signal"] += 1
-            continue
-        advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float32), std_normalize=algo.std_normalize)
-        for index, (completion, reward, advantage) in enumerate(zip(completions, rewards, advantages.tolist())):
-            records.append(
-                trajectory_record(
-                    ctx, prompt=prompt, group_id=group_id, index=index, method="grpo", context_ids=ids,
-                    prompt_length=len(ids), completion=completion, advantage=advantage, reward=reward,
-                )
-            )
-    return records
+        count_rewards(ctx, rewards)
+        scored.append(ScoredGroup(prompt, group_id, ids, len(ids), completions, rewards))
+    return scored
+
+
+def grpo_records(ctx: RolloutContext, groups: list[ScoredGroup]) -> list[ExperienceRecord]:
+    """GRPO credit for scored groups; with dynamic sampling a dropped group asks the driver for a new prompt."""
+    kept = groups_with_signal(ctx, groups)
+    ctx.stats["prompts_without_records"] += len(groups) - len(kept)
+    return credit_groups(ctx, kept, GRPO.name)
+
+
+@register_method
+class GRPO(Method):
+    name = "grpo"
+    summary = "outcome only: reward z-scored within a group of rollout.group_size samples, on every response token"
+
+    def rollout(self, ctx, prompts, group_ids, prompt_ids):
+        return grpo_records(ctx, outcome_groups(ctx, prompts, group_ids, prompt_ids, ctx.cfg.rollout.group_size))

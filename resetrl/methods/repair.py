@@ -1,4 +1,4 @@
-"""Repair rollout: supervision internalization (IOP, arXiv 2605.05226; ALGORITHMS.md).
+"""Self-repair: supervision internalization (IOP, arXiv 2605.05226; docs/algorithms.md, "Self-repair").
 
 G samples per prompt train as a GRPO group (method "grpo"). Up to `repair.repairs_per_prompt` failed samples of
 each prompt go back to the policy with a repair prompt (problem + the failed attempt + a correct sibling when
@@ -10,37 +10,67 @@ the repair prompt), with the loss gated to its first K spans that differ from th
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
+
+from pydantic import Field
 
 from resetrl.actors.engines.base import SamplingSettings
-from resetrl.actors.trajectories import RolloutContext, report_record_shortfall, supervised_record, trajectory_record
-from resetrl.algorithms.advantages import grpo_advantages
+from resetrl.actors.trajectories import (
+    RolloutContext, credit_groups, groups_with_signal, report_record_shortfall, supervised_record,
+)
 from resetrl.algorithms.repair import diff_mask, repair_prompt
-from resetrl.algorithms.shaping import group_has_signal
 from resetrl.data import render_text
+from resetrl.methods.base import Method, OptionsSection, ratio, register_method
+from resetrl.methods.grpo import GRPO, outcome_groups
 from resetrl.record import ExperienceRecord, PromptRecord
 
 
-def repair_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str], prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
-    algo = ctx.cfg.algorithm
-    repair = algo.repair
-    groups = ctx.generate(prompt_ids, ctx.cfg.rollout.group_size)
+class RepairConfig(OptionsSection):
+    """algorithm.repair: the policy repairs its own failed trajectories."""
 
-    records: list[ExperienceRecord] = []
+    repairs_per_prompt: int = Field(1, ge=1, description="failed trajectories sent back for repair per prompt")
+    diff_spans: int = Field(3, ge=1, description="K: the loss is gated to the first K differing token spans")
+    span_mode: Literal["k", "2k", "all"] = Field("k", description="how many differing spans are trained: K, 2K or all")
+    advantage: float = Field(1.0, gt=0, description="weight of the repaired tokens (a positive sample)")
+    loss_coef: float = Field(1.0, ge=0, description="weight of the repair loss next to the policy-gradient loss")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature of the repair")
+    success_threshold: float = Field(1.0, description="reward below this = failed (repair it); a repair needs >= this")
+
+
+@register_method
+class Repair(Method):
+    name = "repair"
+    summary = ("GRPO group, plus: failed trajectories go back to the policy with a repair prompt; an accepted repair "
+               "is trained as a positive sample (weighted NLL) on its first K differing token spans")
+    options_key = "repair"
+    Options = RepairConfig
+    records_per_prompt_text = "(rollout.group_size + repair.repairs_per_prompt)"
+    derived_metrics = {
+        "repair_success_rate": ("repairs the verifier accepted / repairs attempted",
+                                lambda s: ratio(s.get("repairs_accepted", 0), s.get("repairs_attempted", 0))),
+        "repair_trained_token_fraction": ("repair tokens inside the trained diff spans / tokens of accepted repairs",
+                                          lambda s: ratio(s.get("repair_tokens_trained", 0), s.get("repair_tokens", 0))),
+    }
+
+    def records_per_prompt(self, cfg):
+        return cfg.rollout.group_size + cfg.algorithm.repair.repairs_per_prompt
+
+    def rollout(self, ctx, prompts, group_ids, prompt_ids):
+        return repair_rollout(ctx, prompts, group_ids, prompt_ids)
+
+    def loss_weights(self, records, cfg, learnable):
+        has_supervised = any(r.target_token_ids is not None for r in records)
+        return 1.0, cfg.algorithm.repair.loss_coef if has_supervised else 0.0, 0.0
+
+
+def repair_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str], prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
+    repair = ctx.cfg.algorithm.repair
+    groups = outcome_groups(ctx, prompts, group_ids, prompt_ids, ctx.cfg.rollout.group_size)
+    records: list[ExperienceRecord] = credit_groups(ctx, groups_with_signal(ctx, groups), GRPO.name)
     requests = []  # (prompt, group id, prompt ids, failed completion, repair prompt ids)
-    for prompt, group_id, ids, completions in zip(prompts, group_ids, prompt_ids, groups):
-        rewards = [ctx.score(prompt, c.text, c) for c in completions]
-        ctx.stats["reward_sum"] += sum(rewards)
-        ctx.stats["rewards_scored"] += len(rewards)
-        if not (algo.dynamic_sampling and not group_has_signal(rewards)):
-            advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float32), std_normalize=algo.std_normalize)
-            records += [
-                trajectory_record(ctx, prompt=prompt, group_id=group_id, index=i, method="grpo", context_ids=ids,
-                                  prompt_length=len(ids), completion=c, advantage=a, reward=r)
-                for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))
-            ]
-        else:
-            ctx.stats["groups_dropped_no_signal"] += 1
+    for group in groups:
+        prompt, group_id, ids, completions, rewards = (group.prompt, group.group_id, group.context_ids,
+                                                       group.completions, group.rewards)
         failed = [c for c, r in zip(completions, rewards) if r < repair.success_threshold][: repair.repairs_per_prompt]
         reference = next((c.text for c, r in zip(completions, rewards) if r >= repair.success_threshold), None)
         for index, attempt in enumerate(failed):
@@ -70,5 +100,5 @@ def _accepted_repair(ctx: RolloutContext, prompt: PromptRecord, group_id: str, i
         return []
     ctx.stats["repair_tokens"] += len(fixed.token_ids)
     ctx.stats["repair_tokens_trained"] += int(mask.sum())
-    return [supervised_record(ctx, prompt=prompt, group_id=group_id, method="repair", context_ids=ids,
+    return [supervised_record(ctx, prompt=prompt, group_id=group_id, method=Repair.name, context_ids=ids,
                               target_ids=fixed.token_ids, target_mask=mask, weight=repair.advantage, reward=reward)]

@@ -1,11 +1,12 @@
-"""RRPO / SRPO rollout (arXiv 2605.25507; ALGORITHMS.md): reset failed trajectories and resample from there.
+"""Resets (arXiv 2605.25507; docs/algorithms.md, "RRPO" and "SRPO"): the machinery that RRPO, SRPO and the oracle
+share. Reset failed trajectories and resample from there.
 
 Per prompt: fresh samples until G1 plus one failed parent exist (at most max_fresh_samples); no failure ->
-a plain GRPO group of the same size. For a parent: split it into steps, choose the reset step k (RRPO: uniform;
-SRPO: the model's own localisation; oracle: the true first wrong step, from reset.step_checker), and sample G2
-continuations from prompt + steps 1..k-1. G1 and G2 are z-scored separately; G2 trains on its continuation tokens
-only. With a step checker configured, every chosen k is also scored against the true first wrong step
-(localisation_accuracy).
+a plain GRPO group of the same size. For a parent: split it into steps, choose the reset step k (each reset
+method's `choose_steps`: RRPO uniform, SRPO the model's own localisation, oracle the true first wrong step from
+reset.step_checker), and sample G2 continuations from prompt + steps 1..k-1. G1 and G2 are z-scored separately;
+G2 trains on its continuation tokens only. With a step checker configured, every chosen k is also scored against
+the true first wrong step (localisation_accuracy).
 
 Every stage is batched over all prompts of the batch: one engine call per fresh-sampling round, one for all
 localisations, one for all continuations; never one prompt at a time.
@@ -15,27 +16,98 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+from pydantic import Field, field_validator
 
-from resetrl.actors.engines.base import Completion, SamplingSettings
-from resetrl.actors.trajectories import RolloutContext, trajectory_record
-from resetrl.algorithms.advantages import grpo_advantages
-from resetrl.algorithms.resets import (
-    localisation_prompt,
-    offset_reset_step,
-    oracle_reset_step,
-    parse_localised_step,
-    prefix_token_length,
-    random_reset_step,
-    reset_advantages,
-    select_parent,
-)
+from resetrl.actors.engines.base import Completion
+from resetrl.actors.trajectories import RolloutContext, ScoredGroup, count_rewards, credit_groups, trajectory_record
+from resetrl.algorithms.resets import offset_reset_step, prefix_token_length, select_parent
 from resetrl.algorithms.shaping import group_has_signal
-from resetrl.algorithms.step_checkers import get_step_checker
+from resetrl.algorithms.step_checkers import get_step_checker, registered
 from resetrl.algorithms.steps import token_step_starts
-from resetrl.data import render_text
+from resetrl.methods.base import Method, OptionsSection, ratio
+from resetrl.methods.grpo import GRPO
 from resetrl.record import ExperienceRecord, PromptRecord
-from resetrl.verifiers.math_answer import extract_answer
+
+
+class ResetConfig(OptionsSection):
+    """algorithm.reset: RRPO / SRPO / oracle (defaults from the paper's code: 4 fresh + 4 reset trajectories)."""
+
+    g1_size: int = Field(4, ge=1, description="fresh trajectories trained per prompt (G1)")
+    g2_size: int = Field(4, ge=1, description="continuations sampled from each reset point (G2)")
+    max_fresh_samples: int = Field(12, ge=2, description="fresh samples drawn at most while looking for a failed parent")
+    success_threshold: float = Field(1.0, description="a trajectory with reward below this failed (may be a parent)")
+    step_delimiter: str = Field("</step>", min_length=1, description="closes each step; responses are split on it")
+    step_offset: int = Field(0, ge=0, description="reset m steps before the chosen step (k - m, clamped)")
+    resets_per_parent: int = Field(1, ge=1, description="reset points per failed parent, each with its own G2")
+    localisation_temperature: float = Field(0.3, gt=0, description="SRPO: sampling temperature of the localisation")
+    localisation_max_tokens: int = Field(128, ge=1, description="SRPO: token budget of the localisation answer")
+    reveal_gold_answer: bool = Field(False, description="SRPO variant: show the gold answer in the localisation prompt")
+    train_localisation: bool = Field(
+        False, description="SRPO: also train on the localisation text (advantage +1) when a continuation from its reset succeeds"
+    )
+    step_checker: str | None = Field(
+        None, description="a name registered in resetrl.algorithms.step_checkers (e.g. arithmetic_lines): finds the "
+        "true first wrong step of a parent. Required by the oracle (it resets there); with rrpo/srpo it scores the "
+        "chosen step (localisation_accuracy)"
+    )
+
+    @property
+    def records_per_prompt(self) -> int:
+        return self.g1_size + self.g2_size * self.resets_per_parent
+
+    @field_validator("step_checker")
+    @classmethod
+    def _registered_checker(cls, name: str | None) -> str | None:
+        if name is not None and name not in registered():
+            raise ValueError(f"{name!r} is not a registered step checker; registered: {', '.join(registered())}")
+        return name
+
+
+def _rate(numerator: str, denominator: str):
+    return lambda s: ratio(s.get(numerator, 0), s.get(denominator, 0))
+
+
+class ResetMethod(Method):
+    """A method that resets failed parents: subclasses say how the reset step k is chosen (`choose_steps`)."""
+
+    options_key = "reset"
+    Options = ResetConfig
+    # The paper's code clips negative advantages with a dual clip of 3 (docs/algorithms.md, "RRPO").
+    algorithm_defaults = {"dual_clip": 3.0}
+    records_per_prompt_text = "(reset.g1_size + reset.g2_size * resets_per_parent)"
+    derived_metrics = {
+        "reset_rate": ("prompts that got a reset (a failed parent) / prompts",
+                       lambda s: ratio(s.get("reset_prompts", 0), s.get("reset_prompts", 0) + s.get("fallback_prompts", 0))),
+        "fallback_rate": ("prompts without a failed parent (plain GRPO group) / prompts",
+                          lambda s: ratio(s.get("fallback_prompts", 0), s.get("reset_prompts", 0) + s.get("fallback_prompts", 0))),
+        "localisation_parse_rate": ("SRPO localisations whose step number parsed / localisations",
+                                    _rate("localisation_parsed", "localisations")),
+        "localisation_accuracy": ("chosen reset steps equal to the true first wrong step (reset.step_checker) / checked",
+                                  _rate("localisation_correct", "localisation_checked")),
+        "reset_step_mean": ("mean reset step k", _rate("reset_step_sum", "resets")),
+        "parent_steps_mean": ("mean number of steps of the reset parents", _rate("parent_steps_sum", "resets")),
+        "reset_step_fraction": ("mean k / steps of the parent", _rate("reset_step_fraction_sum", "resets")),
+        "g2_success_rate": ("continuations from a reset that succeeded / continuations", _rate("g2_successes", "g2_samples")),
+    }
+
+    def records_per_prompt(self, cfg):
+        return cfg.algorithm.reset.records_per_prompt
+
+    def validate(self, cfg):
+        reset = cfg.algorithm.reset
+        if reset.max_fresh_samples < reset.records_per_prompt:
+            raise ValueError(
+                f"algorithm.reset.max_fresh_samples ({reset.max_fresh_samples}) must be at least g1_size + g2_size x "
+                f"resets_per_parent ({reset.records_per_prompt}): the GRPO fallback trains that many fresh samples"
+            )
+
+    def choose_steps(self, ctx: RolloutContext, parents: list, first_wrong: list[int | None]) -> list[list[tuple]]:
+        """Per parent (state, completion, step starts, step texts): resets_per_parent picks (k, localisation), k in
+        1..num_steps; localisation is the (prompt ids, completion) that chose k, or None."""
+        raise NotImplementedError
+
+    def rollout(self, ctx, prompts, group_ids, prompt_ids):
+        return reset_rollout(self, ctx, prompts, group_ids, prompt_ids)
 
 
 @dataclass
@@ -60,7 +132,8 @@ class _ResetPoint:
     localisation: tuple[list[int], Completion] | None = None  # SRPO: (prompt ids, output) that chose k
 
 
-def reset_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str], prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
+def reset_rollout(method: ResetMethod, ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str],
+                  prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
     reset_cfg = ctx.cfg.algorithm.reset
     states = [_PromptState(p, g, ids) for p, g, ids in zip(prompts, group_ids, prompt_ids)]
     _sample_fresh(ctx, states)
@@ -68,7 +141,7 @@ def reset_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: l
     with_parent = [s for s in states if s.parent is not None]
     ctx.stats["reset_prompts"] += len(with_parent)
     ctx.stats["fallback_prompts"] += len(states) - len(with_parent)
-    points = _reset_points(ctx, with_parent)
+    points = _reset_points(method, ctx, with_parent)
     continuations = ctx.generate([p.context_ids for p in points], reset_cfg.g2_size) if points else []
 
     records: list[ExperienceRecord] = []
@@ -77,7 +150,7 @@ def reset_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: l
             records += _fallback_group(ctx, state)
     for state in with_parent:
         own = [(p, c) for p, c in zip(points, continuations) if p.state is state]
-        records += _reset_groups(ctx, state, own)
+        records += _reset_groups(method, ctx, state, own)
     return records
 
 
@@ -96,7 +169,7 @@ def _sample_fresh(ctx: RolloutContext, states: list[_PromptState]) -> None:
         searching = [s for s in searching if s.parent is None and len(s.fresh) < reset_cfg.max_fresh_samples]
 
 
-def _reset_points(ctx: RolloutContext, states: list[_PromptState]) -> list[_ResetPoint]:
+def _reset_points(method: ResetMethod, ctx: RolloutContext, states: list[_PromptState]) -> list[_ResetPoint]:
     reset_cfg = ctx.cfg.algorithm.reset
     parents = []
     for state in states:
@@ -112,15 +185,7 @@ def _reset_points(ctx: RolloutContext, states: list[_PromptState]) -> list[_Rese
     first_wrong = [checker(steps, state.prompt) if checker else None for state, _parent, _starts, steps in parents]
     ctx.stats["first_wrong_step_unknown"] += sum(checker is not None and k is None for k in first_wrong)
 
-    chosen: list[list[tuple[int, tuple | None]]] = []  # per parent: [(k, localisation)] x resets_per_parent
-    if ctx.cfg.algorithm.name == "srpo":
-        chosen = _localise(ctx, parents)
-    elif ctx.cfg.algorithm.name == "oracle":
-        chosen = [[(oracle_reset_step(k, len(steps)), None)] * reset_cfg.resets_per_parent
-                  for k, (_state, _parent, _starts, steps) in zip(first_wrong, parents)]
-    else:
-        chosen = [[(random_reset_step(len(steps), ctx.rng), None) for _ in range(reset_cfg.resets_per_parent)]
-                  for _state, _parent, _starts, steps in parents]
+    chosen = method.choose_steps(ctx, parents, first_wrong)
 
     points = []
     for (state, parent, starts, steps), picks, true_step in zip(parents, chosen, first_wrong):
@@ -140,83 +205,43 @@ def _reset_points(ctx: RolloutContext, states: list[_PromptState]) -> list[_Rese
     return points
 
 
-def _localise(ctx: RolloutContext, parents: list) -> list[list[tuple[int, tuple]]]:
-    """SRPO: ask the policy where its failed attempt went wrong; all parents in one engine call."""
-    reset_cfg = ctx.cfg.algorithm.reset
-    prompts_ids = []
-    for state, parent, _starts, steps in parents:
-        gold = state.prompt.answer if reset_cfg.reveal_gold_answer else None
-        message = localisation_prompt(state.prompt.question, steps, extract_answer(parent.text), gold)
-        prompts_ids.append(render_text(ctx.tokenizer, ctx.cfg.data, message))
-    sampling = SamplingSettings(
-        max_new_tokens=reset_cfg.localisation_max_tokens, temperature=reset_cfg.localisation_temperature
-    )
-    outputs = ctx.generate(prompts_ids, reset_cfg.resets_per_parent, sampling)
-    chosen = []
-    for (_state, _parent, _starts, steps), ids, completions in zip(parents, prompts_ids, outputs):
-        picks = []
-        for completion in completions:
-            step, source = parse_localised_step(completion.text, len(steps))
-            ctx.stats["localisations"] += 1
-            ctx.stats["localisation_parsed"] += source != "fallback"
-            picks.append((step, (ids, completion)))
-        chosen.append(picks)
-    return chosen
-
-
 def _fallback_group(ctx: RolloutContext, state: _PromptState) -> list[ExperienceRecord]:
-    """No failed trajectory: a plain GRPO group of the same size as G1 + G2 (ALGORITHMS.md, RRPO 2)."""
+    """No failed trajectory: a plain GRPO group of the same size as G1 + G2 (docs/algorithms.md, "RRPO")."""
     size = ctx.cfg.algorithm.reset.records_per_prompt
-    completions, rewards = state.fresh[:size], state.rewards[:size]
-    ctx.stats["reward_sum"] += sum(rewards)
-    ctx.stats["rewards_scored"] += len(rewards)
-    if ctx.cfg.algorithm.dynamic_sampling and not group_has_signal(rewards):
+    group = ScoredGroup(state.prompt, state.group_id, state.prompt_ids, len(state.prompt_ids),
+                        state.fresh[:size], state.rewards[:size])
+    count_rewards(ctx, group.rewards)
+    if ctx.cfg.algorithm.dynamic_sampling and not group_has_signal(group.rewards):
         ctx.stats["prompts_without_records"] += 1
         ctx.stats["groups_dropped_no_signal"] += 1
         return []
-    advantages = grpo_advantages(torch.tensor(rewards), std_normalize=ctx.cfg.algorithm.std_normalize).tolist()
-    return [
-        trajectory_record(ctx, prompt=state.prompt, group_id=state.group_id, index=i, method="grpo",
-                          context_ids=state.prompt_ids, prompt_length=len(state.prompt_ids), completion=c,
-                          advantage=a, reward=r)
-        for i, (c, r, a) in enumerate(zip(completions, rewards, advantages))
-    ]
+    return credit_groups(ctx, [group], GRPO.name)
 
 
-def _reset_groups(ctx: RolloutContext, state: _PromptState, points: list[tuple[_ResetPoint, list[Completion]]]) -> list[ExperienceRecord]:
-    algo = ctx.cfg.algorithm
-    method = algo.name
-    g1 = [state.fresh[i] for i in state.g1]
-    g1_rewards = [state.rewards[i] for i in state.g1]
-    ctx.stats["reward_sum"] += sum(g1_rewards)
-    ctx.stats["rewards_scored"] += len(g1_rewards)
-    g1_advantages = grpo_advantages(torch.tensor(g1_rewards), std_normalize=algo.std_normalize).tolist()
-    records = [
-        trajectory_record(ctx, prompt=state.prompt, group_id=f"{state.group_id}/g1", index=i, method=method,
-                          context_ids=state.prompt_ids, prompt_length=len(state.prompt_ids), completion=c,
-                          advantage=a, reward=r)
-        for i, (c, r, a) in enumerate(zip(g1, g1_rewards, g1_advantages))
-    ]
+def _reset_groups(method: ResetMethod, ctx: RolloutContext, state: _PromptState,
+                  points: list[tuple[_ResetPoint, list[Completion]]]) -> list[ExperienceRecord]:
+    """G1 and each reset point's G2, each its own baseline group; a G2 trains on its continuation tokens only."""
+    reset_cfg = ctx.cfg.algorithm.reset
+    g1 = ScoredGroup(state.prompt, f"{state.group_id}/g1", state.prompt_ids, len(state.prompt_ids),
+                     [state.fresh[i] for i in state.g1], [state.rewards[i] for i in state.g1])
+    count_rewards(ctx, g1.rewards)
+    groups = [g1]
     for point, continuations in points:
         rewards = [ctx.score(state.prompt, point.prefix_text + c.text, c) for c in continuations]
         ctx.stats["g2_samples"] += len(rewards)
-        ctx.stats["g2_successes"] += sum(r >= algo.reset.success_threshold for r in rewards)
-        _, g2_advantages = reset_advantages(g1_rewards, rewards, std_normalize=algo.std_normalize)
-        group_id = f"{state.group_id}/g2.{point.index}"
-        records += [
-            trajectory_record(ctx, prompt=state.prompt, group_id=group_id, index=i, method=method,
-                              context_ids=point.context_ids, prompt_length=len(state.prompt_ids), completion=c,
-                              advantage=a, reward=r)
-            for i, (c, r, a) in enumerate(zip(continuations, rewards, g2_advantages.tolist()))
-        ]
-        if algo.reset.train_localisation and point.localisation and any(r >= algo.reset.success_threshold for r in rewards):
+        ctx.stats["g2_successes"] += sum(r >= reset_cfg.success_threshold for r in rewards)
+        groups.append(ScoredGroup(state.prompt, f"{state.group_id}/g2.{point.index}", point.context_ids,
+                                  len(state.prompt_ids), continuations, rewards))
+    records = credit_groups(ctx, groups, method.name)
+    for (point, _), group in zip(points, groups[1:]):
+        if reset_cfg.train_localisation and point.localisation and any(r >= reset_cfg.success_threshold for r in group.rewards):
             # "The model learns to find its own mistakes": reinforce a localisation whose reset led to a success.
             ids, completion = point.localisation
             records.append(
-                trajectory_record(ctx, prompt=state.prompt, group_id=f"{group_id}/localisation", index=0,
-                                  method=f"{method}-localisation", context_ids=ids, prompt_length=len(ids),
+                trajectory_record(ctx, prompt=state.prompt, group_id=f"{group.group_id}/localisation", index=0,
+                                  method=f"{method.name}-localisation", context_ids=ids, prompt_length=len(ids),
                                   completion=completion, advantage=1.0, reward=1.0,
-                                  temperature=algo.reset.localisation_temperature)
+                                  temperature=reset_cfg.localisation_temperature)
             )
             ctx.stats["localisation_records"] += 1
     return records

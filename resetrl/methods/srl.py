@@ -1,4 +1,5 @@
-"""SRL rollout (arXiv 2510.25992; ALGORITHMS.md, "SRL"): GRPO on step-similarity rewards against an expert.
+"""SRL, Supervised Reinforcement Learning (arXiv 2510.25992; docs/algorithms.md, "SRL"): GRPO on
+step-similarity rewards against an expert solution.
 
 Per prompt with an expert solution of N steps: draw `srl.instances_per_prompt` of its N-1 instances (problem +
 expert steps 1..k-1, target step k), sample G answers for each (all instances of the batch in one engine call),
@@ -12,19 +13,69 @@ Curriculum srl_then_rlvr: once the policy this actor generates with has version 
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
+
+from pydantic import Field
 
 from resetrl.actors.engines.base import SamplingSettings
-from resetrl.actors.grpo_rollout import grpo_rollout
-from resetrl.actors.trajectories import RolloutContext, report_record_shortfall, trajectory_record
-from resetrl.algorithms.advantages import grpo_advantages
+from resetrl.actors.trajectories import (
+    RolloutContext, ScoredGroup, count_rewards, credit_groups, report_record_shortfall,
+)
 from resetrl.algorithms.shaping import group_has_signal
 from resetrl.algorithms.srl import MALFORMED_REWARD, srl_instances, srl_prompt, step_similarity_reward
 from resetrl.data import render_text
+from resetrl.methods.base import Method, OptionsSection, ratio, register_method
+from resetrl.methods.grpo import grpo_records, outcome_groups
 from resetrl.record import ExperienceRecord, PromptRecord
 
 
-def srl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str], prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
+class SRLConfig(OptionsSection):
+    """algorithm.srl: reward = similarity of the model's next step to the expert's."""
+
+    instances_per_prompt: int = Field(
+        2, ge=1, description="of a solution's N-1 instances (target step k = 2..N), this many are drawn per prompt"
+    )
+    dynamic_sampling: bool = Field(True, description="keep only instances whose rewards have std > reward_std_eps")
+    reward_std_eps: float = Field(1e-4, ge=0)
+    require_think: bool = Field(
+        True, description="the step must follow '<think>...</think>' (else: malformed, reward -1); False scores the "
+        "whole response when no '</think>' is present (small models that never write the tags)"
+    )
+    step_max_new_tokens: int | None = Field(None, ge=1, description="token budget of one step (None: rollout.max_new_tokens)")
+    curriculum: Literal["srl", "srl_then_rlvr"] = Field(
+        "srl", description="srl_then_rlvr: after switch_after_steps learner steps, GRPO on the outcome verifier"
+    )
+    switch_after_steps: int = Field(100, ge=0, description="policy version at which srl_then_rlvr switches to RLVR")
+
+
+@register_method
+class SRL(Method):
+    name = "srl"
+    summary = ("an expert solution of N steps gives N-1 instances; the model writes the next step; reward = its "
+               "similarity to the expert's step; GRPO within each instance")
+    options_key = "srl"
+    Options = SRLConfig
+    records_per_prompt_text = "rollout.group_size * srl.instances_per_prompt"
+    derived_metrics = {
+        "srl_malformed_rate": ("SRL answers without a step after </think> / SRL answers",
+                               lambda s: ratio(s.get("srl_malformed", 0), s.get("srl_samples", 0))),
+        "srl_similarity_mean": ("SRL: mean similarity of well-formed steps to the expert step",
+                                lambda s: ratio(s.get("srl_similarity_sum", 0),
+                                                s.get("srl_samples", 0) - s.get("srl_malformed", 0))),
+        "srl_instance_keep_rate": ("SRL instances kept by dynamic sampling / instances",
+                                   lambda s: ratio(s.get("srl_instances", 0) - s.get("srl_instances_dropped", 0),
+                                                   s.get("srl_instances", 0))),
+    }
+
+    def records_per_prompt(self, cfg):
+        return cfg.rollout.group_size * cfg.algorithm.srl.instances_per_prompt
+
+    def rollout(self, ctx, prompts, group_ids, prompt_ids):
+        return srl_rollout(ctx, prompts, group_ids, prompt_ids)
+
+
+def srl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: list[str],
+                prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
     srl = ctx.cfg.algorithm.srl
     if srl.curriculum == "srl_then_rlvr" and ctx.policy_version >= srl.switch_after_steps:
         ctx.stats["srl_rlvr_prompts"] += len(prompts)
@@ -49,9 +100,14 @@ def srl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: lis
         sampling = ctx.sampling
         if srl.step_max_new_tokens is not None:
             sampling = SamplingSettings(srl.step_max_new_tokens, ctx.sampling.temperature, ctx.sampling.top_p, stop=ctx.sampling.stop)
-        groups = ctx.generate([ids for *_, ids in drawn], ctx.cfg.rollout.group_size, sampling)
-        for (prompt, group_id, instance, ids), completions in zip(drawn, groups):
-            records += _instance_group(ctx, prompt, f"{group_id}/srl.{instance.step}", instance.target, ids, completions)
+        outputs = ctx.generate([ids for *_, ids in drawn], ctx.cfg.rollout.group_size, sampling)
+        groups = [_instance_group(ctx, prompt, f"{group_id}/srl.{instance.step}", instance.target, ids, completions)
+                  for (prompt, group_id, instance, ids), completions in zip(drawn, outputs)]
+        # SRL's own dynamic sampling (srl.dynamic_sampling, on by default): an instance whose answers score alike
+        # teaches nothing.
+        kept = [g for g in groups if not srl.dynamic_sampling or group_has_signal(g.rewards, eps=srl.reward_std_eps)]
+        ctx.stats["srl_instances_dropped"] += len(groups) - len(kept)
+        records += credit_groups(ctx, kept, SRL.name)
         report_record_shortfall(ctx, len(prompts) - len(without_expert), len(records))
     if without_expert:
         records += _outcome_groups(ctx, *map(list, zip(*without_expert)))
@@ -59,7 +115,7 @@ def srl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: lis
 
 
 def _instance_group(ctx: RolloutContext, prompt: PromptRecord, group_id: str, target: str, ids: list[int],
-                    completions) -> list[ExperienceRecord]:
+                    completions) -> ScoredGroup:
     srl = ctx.cfg.algorithm.srl
     rewards = [step_similarity_reward(c.text, target, srl.require_think) for c in completions]
     malformed = sum(r == MALFORMED_REWARD for r in rewards)
@@ -67,23 +123,14 @@ def _instance_group(ctx: RolloutContext, prompt: PromptRecord, group_id: str, ta
     ctx.stats["srl_samples"] += len(rewards)
     ctx.stats["srl_malformed"] += malformed
     ctx.stats["srl_similarity_sum"] += sum(r for r in rewards if r != MALFORMED_REWARD)
-    ctx.stats["reward_sum"] += sum(rewards)
-    ctx.stats["rewards_scored"] += len(rewards)
-    if srl.dynamic_sampling and not group_has_signal(rewards, eps=srl.reward_std_eps):
-        ctx.stats["srl_instances_dropped"] += 1
-        return []
-    advantages = grpo_advantages(torch.tensor(rewards, dtype=torch.float32), std_normalize=ctx.cfg.algorithm.std_normalize)
-    return [
-        trajectory_record(ctx, prompt=prompt, group_id=group_id, index=i, method="srl", context_ids=ids,
-                          prompt_length=len(ids), completion=c, advantage=a, reward=r)
-        for i, (c, r, a) in enumerate(zip(completions, rewards, advantages.tolist()))
-    ]
+    count_rewards(ctx, rewards)
+    return ScoredGroup(prompt, group_id, ids, len(ids), completions, rewards)
 
 
 def _outcome_groups(ctx: RolloutContext, prompts, group_ids, prompt_ids) -> list[ExperienceRecord]:
     """GRPO on the outcome verifier (RLVR), reporting that a GRPO group is smaller than SRL's records per prompt."""
     dropped_before = ctx.stats["prompts_without_records"]
-    records = grpo_rollout(ctx, prompts, group_ids, prompt_ids)
+    records = grpo_records(ctx, outcome_groups(ctx, prompts, group_ids, prompt_ids, ctx.cfg.rollout.group_size))
     dropped = ctx.stats["prompts_without_records"] - dropped_before
     report_record_shortfall(ctx, len(prompts) - dropped, len(records))
     return records
