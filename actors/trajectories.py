@@ -198,11 +198,13 @@ def groups_with_signal(ctx: RolloutContext, groups: list[ScoredGroup], eps: floa
     return kept
 
 
-def credit_groups(ctx: RolloutContext, groups: list[ScoredGroup], method: str, ddof: int = 1) -> list[ExperienceRecord]:
+def credit_groups(ctx: RolloutContext, groups: list[ScoredGroup], method: str) -> list[ExperienceRecord]:
     """Score -> advantages -> records for every group of a batch: one batched advantage computation with a group
-    index (z-score within each group; algorithm.std_normalize=False centres only), then one record per completion."""
+    index (z-score within each group, with the method's std: algorithm.advantage_ddof; algorithm.std_normalize=False
+    centres only), then one record per completion."""
     if not groups:
         return []
+    ddof = ctx.cfg.algorithm.advantage_ddof
     rewards = [r for g in groups for r in g.rewards]
     index = [i for i, g in enumerate(groups) for _ in g.rewards]
     advantages = group_advantages(

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resetrl.algorithms.losses import token_logprobs
+from resetrl.algorithms.losses import aggregation_count, token_logprobs
 from resetrl.algorithms.objective import LossSettings, Shares, micro_batch_loss
 from resetrl.config import RunConfig
 from resetrl.learner.batching import MicroBatch, micro_batches, trained_tokens
@@ -220,7 +220,13 @@ class Learner:
         # Supervised records (expert or repaired targets, batching.py) are normalised apart from the policy-gradient
         # ones (resetrl/algorithms/objective.py).
         pg_tokens, sft_tokens = trained_tokens(records)
-        pg_records = sum(1 for r in records if r.target_token_ids is None)
+        # What the policy loss's aggregation divides by, over the whole batch (every rank holds it): trained tokens,
+        # policy-gradient sequences, or those with a trained token. Supervised rows add 0 to a sequence sum.
+        aggregation = self.loss_settings.aggregation
+        pg_count = {"token_mean": pg_tokens,
+                    "seq_mean_token_sum": sum(1 for r in records if r.target_token_ids is None),
+                    "seq_mean_token_mean": sum(1 for r in records if r.target_token_ids is None and r.loss_mask.any()),
+                    }[aggregation]
         skipped_before = self.engine.skipped_steps
         nonfinite = False
         totals = dict.fromkeys(_SUMMED_METRICS, 0.0)
@@ -230,8 +236,7 @@ class Learner:
             mb = mb.to(self.device)
             token_share = mb.num_pg_tokens / max(pg_tokens, 1)
             shares = Shares(
-                # supervised rows add 0 to the sequence sum
-                pg=token_share if self.loss_settings.aggregation == "token_mean" else mb.num_sequences / max(pg_records, 1),
+                pg=aggregation_count(mb.loss_mask, aggregation) / max(pg_count, 1),
                 pg_tokens=token_share, sft=mb.num_sft_tokens / max(sft_tokens, 1), micro_batches=gas * self.world_size,
             )
             # Per micro-batch: learnable weights must be in this micro-batch's graph.

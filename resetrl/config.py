@@ -149,8 +149,13 @@ class _AlgorithmSection(_Section):
         "ppo_clip", description="ppo_clip (with dual_clip) or pg: the unclipped policy gradient"
     )
     std_normalize: bool = Field(True, description="divide by the group std (False = Dr.GRPO)")
-    loss_aggregation: Literal["token_mean", "seq_mean_token_sum"] = Field(
-        "token_mean", description="token_mean (GRPO/DAPO) or seq_mean_token_sum (Dr.GRPO, no length normalisation)"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
+        "token_mean", description="token_mean (GRPO/DAPO), seq_mean_token_sum (Dr.GRPO, no length normalisation) or "
+        "seq_mean_token_mean (each sequence's token mean, then the mean over sequences: the SRPO reference's loss)"
+    )
+    std_ddof: Literal[0, 1] | None = Field(
+        None, description="the group std of the z-scored advantages: 1 = sample std (GRPO as TRL and verl), 0 = "
+        "population std (the RRPO/SRPO reference); None = the method's own choice"
     )
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0, description="0.28 = DAPO clip-higher")
@@ -181,6 +186,10 @@ class _AlgorithmSection(_Section):
     @property
     def method(self) -> Method:
         return METHODS.get(self.name)
+
+    @property
+    def advantage_ddof(self) -> int:
+        return self.method.advantage_ddof if self.std_ddof is None else self.std_ddof
 
 
 # One field per method option section, e.g. algorithm.reset (rrpo, srpo, oracle), algorithm.srl.

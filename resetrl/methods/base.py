@@ -52,6 +52,8 @@ class Method:
     Options: ClassVar[type[BaseModel] | None] = None
     algorithm_defaults: ClassVar[dict[str, Any]] = {}
     records_per_prompt_text: ClassVar[str] = "rollout.group_size"
+    # Std of the group z-score: 1 = sample std (GRPO, as TRL and verl), 0 = population std (algorithm.std_ddof wins).
+    advantage_ddof: ClassVar[int] = 1
     # name -> (help text, function of the run's counters -> value or None)
     derived_metrics: ClassVar[dict[str, tuple[str, Callable[[dict], float | None]]]] = {}
 

@@ -2,7 +2,7 @@
 share. Reset failed trajectories and resample from there.
 
 Per prompt: fresh samples until G1 plus one failed parent exist (at most max_fresh_samples); no failure ->
-a plain GRPO group of the same size. For a parent: split it into steps, choose the reset step k (each reset
+a plain GRPO group of G1 plus newly sampled chains, the size a reset would have given. For a parent: split it into steps, choose the reset step k (each reset
 method's `choose_steps`: RRPO uniform, SRPO the model's own localisation, oracle the true first wrong step from
 reset.step_checker), and sample G2 continuations from prompt + steps 1..k-1. G1 and G2 are z-scored separately;
 G2 trains on its continuation tokens only. With a step checker configured, every chosen k is also scored against
@@ -40,10 +40,17 @@ class ResetConfig(OptionsSection):
     step_offset: int = Field(0, ge=0, description="reset m steps before the chosen step (k - m, clamped)")
     resets_per_parent: int = Field(1, ge=1, description="reset points per failed parent, each with its own G2")
     localisation_temperature: float = Field(0.3, gt=0, description="SRPO: sampling temperature of the localisation")
-    localisation_max_tokens: int = Field(128, ge=1, description="SRPO: token budget of the localisation answer")
+    localisation_max_tokens: int = Field(
+        4096, ge=1, description="SRPO: token budget of the localisation answer (the reference's 4096: a model that "
+        "reasons before its \\boxed{k} must not be cut off; small-model presets lower it)"
+    )
     reveal_gold_answer: bool = Field(False, description="SRPO variant: show the gold answer in the localisation prompt")
     train_localisation: bool = Field(
         False, description="SRPO: also train on the localisation text (advantage +1) when a continuation from its reset succeeds"
+    )
+    train_parent: bool = Field(
+        False, description="also train the failed parent as a member of G1 (off, as the reference: the parent is used "
+        "for the reset only)"
     )
     step_checker: str | None = Field(
         None, description="a name registered in resetrl.algorithms.step_checkers (e.g. arithmetic_lines): finds the "
@@ -53,7 +60,7 @@ class ResetConfig(OptionsSection):
 
     @property
     def records_per_prompt(self) -> int:
-        return self.g1_size + self.g2_size * self.resets_per_parent
+        return self.g1_size + int(self.train_parent) + self.g2_size * self.resets_per_parent
 
     @field_validator("step_checker")
     @classmethod
@@ -74,7 +81,9 @@ class ResetMethod(Method):
     Options = ResetConfig
     # The paper's code clips negative advantages with a dual clip of 3 (docs/algorithms.md, "RRPO").
     algorithm_defaults = {"dual_clip": 3.0}
-    records_per_prompt_text = "(reset.g1_size + reset.g2_size * resets_per_parent)"
+    # The reference z-scores G1 and G2 with the population std (np.std).
+    advantage_ddof = 0
+    records_per_prompt_text = "(reset.g1_size + reset.train_parent + reset.g2_size * resets_per_parent)"
     derived_metrics = {
         "reset_rate": ("prompts that got a reset (a failed parent) / prompts",
                        lambda s: ratio(s.get("reset_prompts", 0), s.get("reset_prompts", 0) + s.get("fallback_prompts", 0))),
@@ -95,10 +104,10 @@ class ResetMethod(Method):
 
     def validate(self, cfg):
         reset = cfg.algorithm.reset
-        if reset.max_fresh_samples < reset.records_per_prompt:
+        if reset.max_fresh_samples < reset.g1_size + 1:
             raise ValueError(
-                f"algorithm.reset.max_fresh_samples ({reset.max_fresh_samples}) must be at least g1_size + g2_size x "
-                f"resets_per_parent ({reset.records_per_prompt}): the GRPO fallback trains that many fresh samples"
+                f"algorithm.reset.max_fresh_samples ({reset.max_fresh_samples}) must be at least g1_size + 1 "
+                f"({reset.g1_size + 1}): G1 and a failed parent are looked for among them"
             )
 
     def choose_steps(self, ctx: RolloutContext, parents: list, first_wrong: list[int | None]) -> list[list[tuple]]:
@@ -119,6 +128,8 @@ class _PromptState:
     rewards: list[float] = field(default_factory=list)
     g1: list[int] = field(default_factory=list)
     parent: int | None = None
+    fallback: list[Completion] = field(default_factory=list)  # no parent: G1 + newly sampled chains
+    fallback_rewards: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -139,34 +150,68 @@ def reset_rollout(method: ResetMethod, ctx: RolloutContext, prompts: list[Prompt
     _sample_fresh(ctx, states)
 
     with_parent = [s for s in states if s.parent is not None]
+    fallback = [s for s in states if s.parent is None]
     ctx.stats["reset_prompts"] += len(with_parent)
-    ctx.stats["fallback_prompts"] += len(states) - len(with_parent)
+    ctx.stats["fallback_prompts"] += len(fallback)
+    _top_up_fallback(ctx, fallback)
     points = _reset_points(method, ctx, with_parent)
-    continuations = ctx.generate([p.context_ids for p in points], reset_cfg.g2_size) if points else []
+    # A continuation gets what is left of the response budget after its prefix, as a fresh sample would have.
+    budgets = [max(1, ctx.sampling.max_new_tokens - (len(p.context_ids) - len(p.state.prompt_ids))) for p in points]
+    continuations = ctx.generate([p.context_ids for p in points], reset_cfg.g2_size, budgets=budgets) if points else []
 
     records: list[ExperienceRecord] = []
-    for state in states:
-        if state.parent is None:
-            records += _fallback_group(ctx, state)
+    for state in fallback:
+        records += _fallback_group(ctx, state)
     for state in with_parent:
         own = [(p, c) for p, c in zip(points, continuations) if p.state is state]
         records += _reset_groups(method, ctx, state, own)
+    for state in states:
+        _count_discarded(ctx, state)
     return records
 
 
 def _sample_fresh(ctx: RolloutContext, states: list[_PromptState]) -> None:
-    """Rounds of fresh samples for every prompt still without a parent, until G1 + parent or the budget."""
+    """Fresh samples for every prompt until G1 + a failed parent exist, or max_fresh_samples are drawn.
+
+    The first round draws G1 + 1 per prompt (all prompts in one engine call); later rounds draw one more per prompt
+    still searching, as the reference draws chains one by one: no sample is drawn that the reference would not
+    draw, so equal-token comparisons do not charge the reset methods for batching (docs/algorithms.md, "SRPO").
+    """
     reset_cfg = ctx.cfg.algorithm.reset
     searching = states
+    n = min(reset_cfg.g1_size + 1, reset_cfg.max_fresh_samples)
     while searching:
-        n = min(reset_cfg.g1_size + 1, reset_cfg.max_fresh_samples - len(searching[0].fresh))
         groups = ctx.generate([s.prompt_ids for s in searching], n)
         for state, completions in zip(searching, groups):
             state.fresh += completions
             state.rewards += [ctx.score(state.prompt, c.text, c) for c in completions]
             state.g1, state.parent = select_parent(state.rewards, reset_cfg.g1_size, reset_cfg.success_threshold)
-        # All prompts still searching have drawn the same number of samples, so one n fits the next round.
         searching = [s for s in searching if s.parent is None and len(s.fresh) < reset_cfg.max_fresh_samples]
+        n = 1
+
+
+def _top_up_fallback(ctx: RolloutContext, states: list[_PromptState]) -> None:
+    """No failed parent: the GRPO group is G1 plus newly sampled chains, up to the records a reset would have given
+    (the reference's "4 of G1 plus 4 new"). Reusing the all-success draws instead would make every advantage 0."""
+    if not states:
+        return
+    reset_cfg = ctx.cfg.algorithm.reset
+    extra = ctx.cfg.records_per_prompt - reset_cfg.g1_size
+    groups = ctx.generate([s.prompt_ids for s in states], extra) if extra > 0 else [[] for _ in states]
+    for state, completions in zip(states, groups):
+        state.fallback = [state.fresh[i] for i in state.g1] + list(completions)
+        state.fallback_rewards = [state.rewards[i] for i in state.g1] + [
+            ctx.score(state.prompt, c.text, c) for c in completions]
+
+
+def _count_discarded(ctx: RolloutContext, state: _PromptState) -> None:
+    """Generated tokens never trained: the parent (unless reset.train_parent) and fresh samples beyond G1."""
+    trained = set(state.g1)
+    if state.parent is not None and ctx.cfg.algorithm.reset.train_parent:
+        trained.add(state.parent)
+    discarded = [c for i, c in enumerate(state.fresh) if i not in trained]
+    ctx.stats["samples_discarded"] += len(discarded)
+    ctx.stats["tokens_discarded"] += sum(len(c.token_ids) for c in discarded)
 
 
 def _reset_points(method: ResetMethod, ctx: RolloutContext, states: list[_PromptState]) -> list[_ResetPoint]:
@@ -207,9 +252,8 @@ def _reset_points(method: ResetMethod, ctx: RolloutContext, states: list[_Prompt
 
 def _fallback_group(ctx: RolloutContext, state: _PromptState) -> list[ExperienceRecord]:
     """No failed trajectory: a plain GRPO group of the same size as G1 + G2 (docs/algorithms.md, "RRPO")."""
-    size = ctx.cfg.algorithm.reset.records_per_prompt
     group = ScoredGroup(state.prompt, state.group_id, state.prompt_ids, len(state.prompt_ids),
-                        state.fresh[:size], state.rewards[:size])
+                        state.fallback, state.fallback_rewards)
     count_rewards(ctx, group.rewards)
     if ctx.cfg.algorithm.dynamic_sampling and not group_has_signal(group.rewards):
         ctx.stats["prompts_without_records"] += 1
@@ -222,8 +266,10 @@ def _reset_groups(method: ResetMethod, ctx: RolloutContext, state: _PromptState,
                   points: list[tuple[_ResetPoint, list[Completion]]]) -> list[ExperienceRecord]:
     """G1 and each reset point's G2, each its own baseline group; a G2 trains on its continuation tokens only."""
     reset_cfg = ctx.cfg.algorithm.reset
+    # reset.train_parent: the parent also trains, as one more member of G1 (the reference never trains it).
+    members = state.g1 + ([state.parent] if reset_cfg.train_parent else [])
     g1 = ScoredGroup(state.prompt, f"{state.group_id}/g1", state.prompt_ids, len(state.prompt_ids),
-                     [state.fresh[i] for i in state.g1], [state.rewards[i] for i in state.g1])
+                     [state.fresh[i] for i in members], [state.rewards[i] for i in members])
     count_rewards(ctx, g1.rewards)
     groups = [g1]
     for point, continuations in points:
