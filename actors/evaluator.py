@@ -17,6 +17,7 @@ from resetrl.actors.engines import make_engine
 from resetrl.actors.engines.base import SamplingSettings
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
+from resetrl.evaluation import pass_at_k_curve
 from resetrl.queue import connect
 from resetrl.record import PromptRecord
 from resetrl.run_state import RunKeys
@@ -74,20 +75,22 @@ class Evaluator:
             if self.weights.load_into(self.engine, *latest):
                 self.policy_version = latest[0]
         started = time.perf_counter()
-        groups = self.engine.generate(self.prompt_token_ids, self.cfg.eval.samples, self.sampling)
+        samples = self.cfg.eval.samples
+        groups = self.engine.generate(self.prompt_token_ids, samples, self.sampling)
         generate_seconds = time.perf_counter() - started
-        per_problem, lengths, truncated = [], [], 0
+        correct, lengths, truncated = [], [], 0
         for prompt, group in zip(self.prompts, groups):
             scores = score_answers(self.verify, self.cfg.algorithm.verifier_timeout_s, prompt, [c.text for c in group])
             # A partial-credit verifier may give fractions; "correct" means full reward.
-            per_problem.append(sum(score >= 1.0 for score in scores) / len(scores))
+            correct.append(sum(score >= 1.0 for score in scores))
             lengths.extend(len(c.token_ids) for c in group)
             truncated += sum(c.finish_reason == "length" for c in group)
         return {
             "policy_version": self.policy_version,
-            "accuracy": sum(per_problem) / len(per_problem),
-            "problems": len(per_problem),
-            "samples_per_problem": self.cfg.eval.samples,
+            "accuracy": sum(correct) / (len(correct) * samples),
+            "pass_at_k": pass_at_k_curve(correct, samples),
+            "problems": len(correct),
+            "samples_per_problem": samples,
             "response_len_mean": sum(lengths) / max(len(lengths), 1),
             "truncated_fraction": truncated / max(len(lengths), 1),
             "generate_seconds": round(generate_seconds, 3),
@@ -96,3 +99,9 @@ class Evaluator:
     def close(self) -> None:
         self.engine.close()
         self.client.close()
+
+    def __repr__(self) -> str:
+        # The Ray dashboard's Repr column and log prefixes (taken once, when the actor has started).
+        engine = getattr(getattr(self, "engine", None), "name", "?")
+        return (f"Evaluator(evaluator, {len(getattr(self, 'prompts', []))} held-out problems, engine={engine}, "
+                f"policy v{getattr(self, 'policy_version', 0)})")

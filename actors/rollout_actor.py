@@ -1,8 +1,12 @@
 """RolloutActor: prompts in (Redis stream), scored and credited experience out (Redis stream).
 
 One loop, read top to bottom: take prompts -> pick up newer weights -> sample a group per prompt -> verify ->
-advantages -> push experience -> acknowledge the prompts. A prompt is acknowledged only after its experience
-is in the experience stream, so a dead worker's prompts are replayed (reclaimed by the others), never lost.
+advantages -> push experience and acknowledge the prompts, in one step. Everything one processing of a batch makes
+is tagged with it (record metadata `processing`, resetrl/run_state.py) and lands at once with the prompt acks
+(StreamQueue.complete), and only for the prompts this worker still holds: a dead worker's prompts are replayed
+(reclaimed by the others), never lost, and a prompt is never both completed and replayed. While it works, a lease
+thread renews the worker's claim on every prompt it holds (StreamQueue.renew), so only a dead worker's prompts go
+idle and are reclaimed after queue.claim_idle_ms, however long a batch takes.
 A worker retired by `resetrl scale` stops taking new prompts and first finishes the ones it holds, so the
 driver can remove its consumer from the group with nothing pending.
 The class is plain Python; the driver wraps it with `ray.remote`.
@@ -10,10 +14,13 @@ The class is plain Python; the driver wraps it with `ray.remote`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import threading
 import time
+import uuid
 
 import torch
 
@@ -25,8 +32,10 @@ from resetrl.data import render_prompt
 from resetrl.queue import StreamEntry, StreamQueue, connect
 from resetrl.record import WireFormatError, decode_prompt, encode_experience
 from resetrl.run_state import (
-    EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, incr_stats, retire_requested, stop_requested, write_heartbeat,
+    PROCESSING_RECORDS, PROCESSING_TAG, PROMPT_GROUP, RunKeys, incr_stats, retire_requested,
+    stop_requested, write_heartbeat,
 )
+from resetrl.thread_budget import ThreadBudget, host_cores, rollout_threads
 from resetrl.verifiers import get_verifier
 from resetrl.weights import make_weight_channel
 
@@ -36,6 +45,9 @@ log = logging.getLogger(__name__)
 _RECLAIM_EVERY = 20
 # An idle worker (empty prompt queue) still heartbeats this often, so `resetrl status` shows it alive.
 _IDLE_HEARTBEAT_S = 2.0
+# Leases are renewed this many times per queue.claim_idle_ms: a renewal may be late by a Redis outage (clients
+# retry for about 20 s) or a stalled process, and the lease must still not run out.
+_RENEWALS_PER_IDLE = 4
 
 
 class _RolloutMetrics:
@@ -72,14 +84,14 @@ class _RolloutMetrics:
 class RolloutActor:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str, redis_url: str, weights_root: str):
         # (vLLM pins the process to one torch thread itself; OMP_NUM_THREADS from Ray's CPU share wins there.)
-        torch.set_num_threads(max(1, int(cfg.rollout.cpus_per_worker)))
+        torch.set_num_threads(rollout_threads(cfg.rollout.torch_threads, cfg.rollout.cpus_per_worker))
         self.cfg = cfg
         self.worker_index = worker_index
         self.consumer = f"rollout-{worker_index}"
         self.keys = RunKeys(cfg.run_name)
         self.client = connect(redis_url)
-        self.prompts = StreamQueue(self.client, self.keys.prompts, PROMPT_GROUP, self.consumer)
-        self.experience = StreamQueue(self.client, self.keys.experience, EXPERIENCE_GROUP, self.consumer)
+        self.prompts = StreamQueue(self.client, self.keys.prompts, PROMPT_GROUP, self.consumer,
+                                   ledger=self.keys.ledger_keys)
         self.weights = make_weight_channel(cfg, "engine", self.client, self.keys, weights_root, worker_index=worker_index)
         self.verify = get_verifier(cfg.algorithm.verifier)
         self.engine = make_engine(
@@ -90,6 +102,10 @@ class RolloutActor:
             kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
         )
+        # On a CPU-only host this worker claims the threads its engine runs with while it generates; the learner
+        # takes the cores left (resetrl/thread_budget.py).
+        self.threads = None if torch.cuda.is_available() else ThreadBudget(
+            self.client, self.keys, f"rollout-{worker_index}", cores=host_cores(), fixed=torch.get_num_threads())
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -109,7 +125,10 @@ class RolloutActor:
         self.totals = {"prompts": 0, "samples": 0, "tokens": 0}
         self.last_batch_tokens_per_s = 0.0
         self.last_heartbeat = 0.0
+        self.state = "starting"
         self.heartbeat("starting")
+        self._lease = threading.Event()  # set: the lease thread stops
+        self._lease_thread: threading.Thread | None = None
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -122,6 +141,13 @@ class RolloutActor:
         """Work until the run's stop flag is set, or until the driver retires this worker (`resetrl scale`):
         then finish the prompts it holds first. Returns this worker's totals."""
         totals = self.totals
+        self._start_lease()
+        try:
+            return self._run(totals)
+        finally:
+            self._lease.set()
+
+    def _run(self, totals: dict) -> dict:
         # Entries this consumer name already held (a restart of the same worker) come first.
         backlog = self.prompts.read(count=1000, pending=True)
         if backlog:
@@ -169,8 +195,28 @@ class RolloutActor:
                 self.heartbeat("retiring")
         self.heartbeat("retired")
 
+    def _start_lease(self) -> None:
+        if self._lease_thread is not None and self._lease_thread.is_alive():
+            return
+        self._lease.clear()
+        self._lease_thread = threading.Thread(target=self._keep_lease, name=f"lease-{self.consumer}", daemon=True)
+        self._lease_thread.start()
+
+    def _keep_lease(self) -> None:
+        """Renew this consumer's claim on every prompt it holds, and heartbeat, until run() returns: a batch that
+        takes longer than claim_idle_ms keeps its prompts. A dead process renews nothing, so its prompts go idle."""
+        period_s = max(0.05, self.cfg.queue.claim_idle_ms / 1000 / _RENEWALS_PER_IDLE)
+        while not self._lease.wait(period_s):
+            try:
+                self.prompts.renew()
+                if time.monotonic() - self.last_heartbeat > _IDLE_HEARTBEAT_S:
+                    self.heartbeat(self.state)
+            except Exception as exc:  # Redis down beyond the client's retries: try again at the next period
+                log.warning("lease renewal of %s failed: %s", self.consumer, exc)
+
     def heartbeat(self, state: str) -> None:
         """This worker's line in `resetrl status` (the run's `workers` hash in Redis)."""
+        self.state = state
         self.last_heartbeat = time.monotonic()
         write_heartbeat(
             self.client, self.keys, self.worker_index, state=state, consumer=self.consumer, pid=os.getpid(),
@@ -179,7 +225,9 @@ class RolloutActor:
 
     def sync_weights(self) -> bool:
         latest = self.weights.latest()
-        if latest is None or latest[0] <= self.policy_version:
+        # Any other version, older ones included: a learner restarted from a checkpoint re-publishes its older
+        # weights, and the rollout must follow it (docs/design.md, "What a crash replays").
+        if latest is None or latest[0] == self.policy_version:
             return False
         version, location = latest
         started = time.perf_counter()
@@ -211,27 +259,64 @@ class RolloutActor:
         group_ids = [f"{prompt.prompt_id}@{entry_id}" for prompt, entry_id in zip(prompts, good_ids)]
         started = time.perf_counter()
         # The method decides what to sample and how to credit it (resetrl/methods/; each batches its engine calls).
-        records = self.cfg.algorithm.method.rollout(ctx, prompts, group_ids, prompt_ids)
+        with self.threads.busy() if self.threads is not None else contextlib.nullcontext():
+            records = self.cfg.algorithm.method.rollout(ctx, prompts, group_ids, prompt_ids)
         generate_seconds = time.perf_counter() - started
 
-        # Experience first, then the prompt acks: a crash in between replays the prompts, never loses them.
-        if records:
-            self.experience.put_many([encode_experience(record) for record in records])
-        self.prompts.ack(good_ids)
+        # The experience and the prompt acks land together, tagged with this processing, for the prompts this worker
+        # still holds: a crash before replays the prompts, never loses them; nothing lands twice.
+        completed, landed = self._complete(prompts, good_ids, records)
+        lost_lease = len(good_ids) - len(completed)
+        if lost_lease:
+            log.warning("%d prompt(s) of this batch were reclaimed by another worker meanwhile; their experience is "
+                        "not pushed (the other worker's is)", lost_lease)
         # Zeros are not sent: a counter appears in the run's stats once something happened.
         counters = {name: value for name, value in ctx.stats.items() if value}
+        if lost_lease:
+            counters["prompts_lease_lost"] = lost_lease
         incr_stats(
-            self.client, self.keys, prompts_done=len(prompts), samples_generated=len(records),
+            self.client, self.keys, prompts_done=len(completed), samples_generated=landed,
             generate_seconds=generate_seconds, **counters,
         )
         tokens = int(ctx.stats["tokens_generated"])
-        self.metrics.record_batch(tokens, len(records), generate_seconds, self.policy_version)
-        batch = {"prompts": len(prompts), "samples": len(records), "tokens": tokens}
+        self.metrics.record_batch(tokens, landed, generate_seconds, self.policy_version)
+        batch = {"prompts": len(completed), "samples": landed, "tokens": tokens}
         for name in self.totals:
             self.totals[name] += batch[name]
         self.last_batch_tokens_per_s = tokens / max(generate_seconds, 1e-9)
         return batch
 
+    def _complete(self, prompts, entry_ids: list[str], records) -> tuple[list[str], int]:
+        """Tag the records with this processing and land them with the prompt acks (StreamQueue.complete); the
+        entry ids completed and the records they landed."""
+        tag = uuid.uuid4().hex
+        # A method's group ids start with the prompt entry's, `<prompt id>@<entry id>` (process above).
+        by_entry: dict[str, list] = {f"{prompt.prompt_id}@{entry_id}": [] for prompt, entry_id in zip(prompts, entry_ids)}
+        for record in records:
+            entry = record.group_id  # the entry's group id, or one of its sub-groups: `<entry>/<sub-group>`
+            while entry not in by_entry and "/" in entry:
+                entry = entry.rsplit("/", 1)[0]
+            if entry not in by_entry:
+                raise RuntimeError(f"record {record.record_id}: group id {record.group_id!r} does not start with the "
+                                   "group id of a prompt entry of this batch (a method must derive its group ids "
+                                   "from the ones it is given)")
+            by_entry[entry].append(record)
+        processed = []
+        for (entry, own), entry_id, prompt in zip(by_entry.items(), entry_ids, prompts):
+            for record in own:
+                record.metadata = {**record.metadata, PROCESSING_TAG: tag, PROCESSING_RECORDS: len(own)}
+            processed.append((entry_id, prompt.prompt_id, [encode_experience(record) for record in own]))
+        completed = set(self.prompts.complete(self.keys.experience, processed, tag))
+        landed = sum(len(own) for (_, own), entry_id in zip(by_entry.items(), entry_ids) if entry_id in completed)
+        return [entry_id for entry_id in entry_ids if entry_id in completed], landed
+
     def close(self) -> None:
+        self._lease.set()
         self.engine.close()
         self.client.close()
+
+    def __repr__(self) -> str:
+        # The Ray dashboard's Repr column and log prefixes (taken once, when the actor has started).
+        engine = getattr(getattr(self, "engine", None), "name", "?")
+        return (f"RolloutActor(rollout-{getattr(self, 'worker_index', '?')}, engine={engine}, "
+                f"policy v{getattr(self, 'policy_version', 0)})")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
+from resetrl.actors.engines.thoughts import ThoughtLimits, generate_by_thought
 from resetrl.algorithms.advantages import group_advantages
 from resetrl.algorithms.resets import suffix_loss_mask
 from resetrl.algorithms.shaping import group_has_signal, overlong_penalty
@@ -44,10 +45,55 @@ class RolloutContext:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def generate(self, prompts_token_ids: list[list[int]], n: int, sampling: SamplingSettings | None = None):
-        groups = self.engine.generate(prompts_token_ids, n, sampling or self.sampling)
+    def generate(
+        self,
+        prompts_token_ids: list[list[int]],
+        n: int,
+        sampling: SamplingSettings | None = None,
+        budgets: list[int] | None = None,
+        *,
+        by_thought: bool | None = None,
+        prior_thoughts: list[int] | None = None,
+    ) -> list[list[Completion]]:
+        """n completions per prompt (result[i][j], as Engine.generate), their cost counted in stats.
+
+        budgets[i] caps prompt i's response in tokens (a G2 continuation: the response budget minus its prefix).
+        The policy's own rollouts (sampling None) go thought by thought when rollout.thought_by_thought is on; a call
+        with its own settings (localisation, repair) is one piece, as the reference's localisation; by_thought
+        overrides. prior_thoughts[i]: thoughts already in prompt i (a reset prefix's), counted in rollout.max_thoughts.
+        """
+        rollout = self.cfg.rollout
+        if by_thought is None:
+            by_thought = rollout.thought_by_thought and sampling is None
+        sampling = sampling or self.sampling
+        if by_thought:
+            limits = ThoughtLimits(rollout.thought_delimiter, rollout.max_thoughts, rollout.thought_max_tokens,
+                                   rollout.thought_answer_pattern)
+            groups = generate_by_thought(self._engine_generate, self.tokenizer, prompts_token_ids, n, sampling, limits,
+                                         budgets=budgets, prior_thoughts=prior_thoughts)
+        else:
+            groups = self._engine_generate(prompts_token_ids, n, sampling, budgets)
         self.stats["samples_sampled"] += sum(len(group) for group in groups)
-        self.stats["tokens_generated"] += sum(len(c.token_ids) for group in groups for c in group)
+        return groups
+
+    def _engine_generate(
+        self, prompts_token_ids: list[list[int]], n: int, sampling: SamplingSettings, budgets: list[int] | None = None
+    ) -> list[list[Completion]]:
+        """One engine call, counted: tokens_generated; tokens_prefill, the prompt tokens the engine encoded (each
+        distinct prompt once when it shares prompt prefill, else once per sample; prompts with no budget left are not
+        run); tokens_compute = prefill + generated."""
+        # budgets only when given: engine wrappers (tests' call counters) may take (prompts, n, sampling) alone.
+        by_budget = {} if budgets is None else {"budgets": budgets}
+        groups = self.engine.generate(prompts_token_ids, n, sampling, **by_budget)
+        run = [p for i, p in enumerate(prompts_token_ids) if budgets is None or budgets[i] > 0]
+        if getattr(self.engine, "shares_prompt_prefill", False):
+            prefill = sum(len(p) for p in {tuple(p) for p in run})
+        else:
+            prefill = n * sum(len(p) for p in run)
+        generated = sum(len(c.token_ids) for group in groups for c in group)
+        self.stats["tokens_generated"] += generated
+        self.stats["tokens_prefill"] += prefill
+        self.stats["tokens_compute"] += prefill + generated
         return groups
 
     def score(self, prompt: PromptRecord, response_text: str, completion: Completion) -> float:

@@ -34,6 +34,7 @@ from resetrl.models import resolve_model
 from resetrl.queue import connect
 from resetrl.redis_server import EmbeddedRedis
 from resetrl.run_state import RunKeys
+from resetrl.actors.engines.weight_receivers import RayObjectStoreWeightReceiver, SharedFolderWeightReceiver
 from resetrl.weights import RayObjectStoreWeightChannel, SharedFolderWeightChannel, unique_tensors
 
 
@@ -53,8 +54,8 @@ def transport(params: float, dtype_name: str, bucket_mbs: list[float], repeats: 
     """Seconds per update of the bucketed data path (plan, pack, broadcast, unpack + copy) vs one plain copy."""
     import torch
 
-    from resetrl.weight_buckets import broadcast_bucket, open_group, open_store, pack_bucket, plan_buckets, unpack_bucket
-    from resetrl.weights import _free_port
+    from resetrl.net import free_port
+    from resetrl.weights.buckets import broadcast_bucket, open_group, open_store, pack_bucket, plan_buckets, unpack_bucket
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -69,7 +70,7 @@ def transport(params: float, dtype_name: str, bucket_mbs: list[float], repeats: 
     source = {f"t{i}": torch.randn(shape, device=device).to(dtype) for i, shape in enumerate(shapes)}
     target = {name: torch.empty_like(t) for name, t in source.items()}
     nbytes = sum(t.numel() * t.element_size() for t in source.values())
-    group = open_group(open_store("127.0.0.1", _free_port(), 0, 1, 120), 0, 1, "nccl" if cuda else "gloo", 120)
+    group = open_group(open_store("127.0.0.1", free_port(), 0, 1, 120), 0, 1, "nccl" if cuda else "gloo", 120)
     flat_src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     flat_dst = torch.empty_like(flat_src)
 
@@ -164,6 +165,8 @@ def main() -> None:
             name = engine_name if channel_name == "shared_folder" else f"{engine_name} via {channel_name}"
             channel = (SharedFolderWeightChannel(root, client, RunKeys(cfg.run_name)) if channel_name == "shared_folder"
                        else RayObjectStoreWeightChannel(root, client, RunKeys(cfg.run_name)))
+            receiver = (SharedFolderWeightReceiver(client, RunKeys(cfg.run_name)) if channel_name == "shared_folder"
+                        else RayObjectStoreWeightReceiver(root, client, RunKeys(cfg.run_name)))
             started = time.perf_counter()
             engine = make_engine(engine_name, model_path, dtype="float32", seed=0,
                                  kv_cache_gib=cfg.rollout.vllm_kv_cache_gib)
@@ -179,7 +182,7 @@ def main() -> None:
                 location = channel.publish(state, version)
                 published = time.perf_counter() - started
                 started = time.perf_counter()
-                channel.load_into(engine, version, location)
+                receiver.load_into(engine, version, location)
                 loaded = time.perf_counter() - started
                 if rep:
                     memcpy.append(bandwidth)

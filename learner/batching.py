@@ -55,11 +55,10 @@ class MicroBatch:
 
 
 def collate(records: list[ExperienceRecord], pad_token_id: int = 0) -> MicroBatch:
-    """Pad `records` on the right to their longest length and shift the per-token values (module docstring)."""
-    if not records:
-        raise ValueError("cannot collate an empty list of records")
+    """Pad `records` on the right to their longest length and shift the per-token values (module docstring).
+    No records give tensors of no rows (an idle micro-batch, learner/packing.py)."""
     batch = len(records)
-    length = max(len(r.token_ids) for r in records)
+    length = max((len(r.token_ids) for r in records), default=1)
     input_ids = np.full((batch, length), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((batch, length), dtype=np.int64)
     loss_mask = np.zeros((batch, length - 1), dtype=np.float32)

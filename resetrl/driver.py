@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -21,27 +20,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from resetrl.config import RunConfig
+from resetrl.console import RunDisplay, console, run_end_lines, run_header
 from resetrl.data import build_prompts, split_holdout
-from resetrl.evaluation import HeldOutEval, eval_summary
-from resetrl.metrics import MetricsSink, derived_rates
+from resetrl.evaluation import HeldOutEval, eval_scalars, eval_summary
+from resetrl.metrics import MetricsSink, derived_rates, namespaced, start_wandb
 from resetrl.models import resolve_model
-from resetrl.queue import StreamQueue, connect
+from resetrl.prometheus import LocalPrometheus, pick_port
+from resetrl.net import free_port, port_is_free
+from resetrl.queue import StreamQueue, connect, dead_letter_stream, shutdown_server, stream_length, unreachable
 from resetrl.ray_actors import kill_actor
-from resetrl.record import PromptRecord, WireFormatError, decode_experience, decode_prompt, encode_prompt
-from resetrl.redis_server import EmbeddedRedis, free_port
-from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, desired_workers, read_stats, request_stop
+from resetrl.record import PromptRecord, encode_prompt
+from resetrl.redis_server import EmbeddedRedis
+from resetrl.worker_logs import SETUP_HOOK, actor_options
+from resetrl.run_state import (
+    EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, desired_workers, ledger_summary, mark_train_started, prepare_resume,
+    prompts_fed, read_stats, request_stop, wipe_run,
+)
+from resetrl.weights import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
 
-# Environment every Ray worker of the run gets (also on a remote cluster, through the runtime_env).
+# Sent to the driver's main thread when the run must stop at once (its embedded redis-server died with no AOF to
+# restart from): the handler raises RunAborted there, even while a Redis call is retrying.
+_ABORT_SIGNAL = signal.SIGUSR2
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on, for a reason its message gives a person to act on; the CLI prints it, no traceback."""
+
+# Environment every Ray worker of the run gets (also on a remote cluster, through the runtime_env). HF_HUB_OFFLINE
+# is the user's to set, not forced: the driver resolves a hub model id once (resetrl/hub.py) and every role loads
+# the local snapshot folder it resolved to.
 _WORKER_ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # vLLM's engine core runs inside the rollout actor's process: no extra processes to orphan or spawn-guard.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -51,12 +63,16 @@ _WORKER_ENV_DEFAULTS = {
 
 @dataclass
 class PromptFeeder:
-    """Cycles through the dataset, giving each pass's prompts fresh ids (epoch suffix)."""
+    """Cycles through the dataset, giving each pass's prompts fresh ids (epoch suffix).
+
+    The prompts and the data cursor (keys.prompts_fed) move in one step, and only from where the cursor is
+    (StreamQueue.feed): a driver that dies mid-feed, or a call that redis-py retries, never feeds a prompt id twice.
+    """
 
     queue: StreamQueue
     prompts: list[PromptRecord]
     fed: int = 0
-    cursor_key: str | None = None  # where `fed` is kept in Redis, for a resumed run
+    keys: RunKeys | None = None  # whose data cursor (prompts_fed) keeps `fed` in Redis, for a resumed run
 
     def prompt_id(self, index: int) -> str:
         return f"{self.prompts[index % len(self.prompts)].prompt_id}.e{index // len(self.prompts)}"
@@ -71,12 +87,14 @@ class PromptFeeder:
                 task=base.task, metadata=base.metadata,
             )
             payloads.append(encode_prompt(prompt))
-        if payloads:
-            self.queue.put_many(payloads)
-            self.fed += len(payloads)
-            if self.cursor_key:
-                self.queue.client.set(self.cursor_key, self.fed)
-        return len(payloads)
+        if not payloads:
+            return 0
+        before = self.fed
+        ids = [self.prompt_id(before + i) for i in range(len(payloads))]
+        # The cursor after the call: before + len(payloads), or wherever an earlier feed had already moved it (this
+        # driver's previous life, say), in which case nothing was fed and the next call feeds from there.
+        self.fed = self.queue.feed(self.keys.prompts_fed, before, payloads, ids)
+        return len(payloads) if self.fed == before + len(payloads) else 0
 
 
 @dataclass
@@ -94,6 +112,10 @@ class RunServices:
     adopted_redis: str | None = None  # URL of the embedded redis-server a dead driver left running (resume)
     evaluator: object | None = None
     held_out_eval: HeldOutEval | None = None
+    dashboard_url: str | None = None
+    prometheus: LocalPrometheus | None = None  # monitor.prometheus
+    learner_restarts: list = field(default_factory=list)  # {died_after_s, back_after_s} per restart by Ray
+    abort_handler_installed: bool = False
 
 
 def _weights_root(cfg: RunConfig) -> Path:
@@ -104,19 +126,26 @@ def _weights_root(cfg: RunConfig) -> Path:
 
 def _start_ray(cfg: RunConfig, services: RunServices) -> None:
     # RAY_AUTH_MODE travels to the workers; RAY_AUTH_TOKEN does not: a runtime_env is shown in the dashboard, and
-    # workers get the cluster's token from their raylet.
+    # workers get the cluster's token from their raylet. Likewise the user's HF_HUB_OFFLINE / HF_ENDPOINT travel,
+    # HF_TOKEN and HF_HOME (a path on this node) do not.
     env = {**_WORKER_ENV_DEFAULTS, **{k: v for k, v in os.environ.items()
-                                      if k.startswith(("VLLM_", "RAY_AUTH")) and k != "RAY_AUTH_TOKEN"}}
+                                      if (k.startswith(("VLLM_", "RAY_AUTH")) and k != "RAY_AUTH_TOKEN")
+                                      or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}}
     env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.vllm_kv_cache_gib)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
+    if cfg.monitor.prometheus:
+        # Chosen before ray.init: the dashboard reads RAY_PROMETHEUS_HOST as it starts (its Metrics tab).
+        services.prometheus = LocalPrometheus(cfg.run_path, pick_port(cfg.monitor.prometheus_port))
+        os.environ.setdefault("RAY_PROMETHEUS_HOST", services.prometheus.url)
     # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep the caller's (the CLI's unwinds the
     # run like Ctrl-C and exits 143).
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     try:
-        _init_ray(cfg, services, {"env_vars": env})
+        # Every worker's output goes to RUN_DIR/logs/<role>.log, not the console (resetrl/worker_logs.py).
+        _init_ray(cfg, services, {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK})
     finally:
         if threading.current_thread() is threading.main_thread() and sigterm_handler is not None:
             signal.signal(signal.SIGTERM, sigterm_handler)
@@ -127,62 +156,47 @@ def _init_ray(cfg: RunConfig, services: RunServices, runtime_env: dict) -> None:
     # nothing. Outside a job RAY_ADDRESS is often the dashboard URL kept for `ray job` commands: not ours to use.
     in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     address = cfg.ray.address or (os.environ.get("RAY_ADDRESS") if in_ray_job else None)
+    # The Jobs view of the dashboard (and `ray list jobs --detail`) names the run and its whole config.
+    job_config = ray.job_config.JobConfig(metadata={
+        "resetrl_run": cfg.run_name, "resetrl_run_dir": str(cfg.run_path), "resetrl_method": cfg.algorithm.name,
+        "resetrl_model": cfg.model.name, "resetrl_config": cfg.model_dump_json(),
+    })
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "job_config": job_config}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        context = ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:
         dashboard_port = cfg.ray.dashboard_port
-        if cfg.ray.include_dashboard and not _port_is_free(cfg.ray.dashboard_host, dashboard_port):
+        if cfg.ray.include_dashboard and not port_is_free(cfg.ray.dashboard_host, dashboard_port):
             # Another local Ray (or anything else) holds the port: a second job on the machine should still start.
             dashboard_port = free_port()
             console.log(f"dashboard port {cfg.ray.dashboard_port} is taken; this run's dashboard: "
                         f"http://{cfg.ray.dashboard_host}:{dashboard_port}")
-        ray.init(
+        if cfg.ray.loopback_only:
+            _bind_ray_to_loopback()
+        context = ray.init(
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.dashboard_host,
             dashboard_port=dashboard_port,
             runtime_env=runtime_env,
-            log_to_driver=True,
+            **quiet,
         )
         services.started_ray = True
+        if cfg.ray.loopback_only and ray.util.get_node_ip_address() != "127.0.0.1":
+            console.log(f"ray.loopback_only: this Ray version ignored the switch; its node address is "
+                        f"{ray.util.get_node_ip_address()} and its processes listen on every interface")
+    services.dashboard_url = getattr(context, "dashboard_url", None) or None
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+def _bind_ray_to_loopback() -> None:
+    """Ray's own switch for a one-machine cluster (what it does on macOS and Windows): the node's address is
+    127.0.0.1, so the GCS, raylet, object manager, workers, dashboard agent and metrics export listen there only
+    (README, "Security"). Ray reads the constant in this process as it starts the node, the variable in the
+    processes it starts."""
+    from ray._private import ray_constants
 
-
-def _reset_run_keys(client, keys: RunKeys) -> None:
-    """A fresh run starts from empty streams and counters (resume is a separate path)."""
-    for key in client.scan_iter(match=f"{keys.prefix}:*"):
-        client.delete(key)
-
-
-class _ProgressView:
-    def __init__(self, total_steps: int):
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=console, transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total_steps, status="starting actors")
-
-    def update(self, completed: int, status: str) -> None:
-        self.progress.update(self.task, completed=completed, status=status)
-
-
-def _status_line(step_metrics: dict | None, stats: dict, depth: int, version: int, elapsed: float) -> str:
-    reward = f"{step_metrics['reward_mean']:.3f}" if step_metrics else "-"
-    samples_per_s = stats.get("samples_generated", 0) / max(elapsed, 1e-9)
-    line = (
-        f"reward {reward} | {samples_per_s:.2f} samples/s | queue {depth} | v{version} | "
-        f"trained {stats.get('samples_trained', 0)} dropped {stats.get('samples_dropped_stale', 0)}"
-    )
-    reset_rate = derived_rates(stats)["reset_rate"]
-    return line if reset_rate is None else f"{line} | resets {reset_rate:.0%}"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool = False) -> dict:
@@ -199,6 +213,7 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
     wall_started = time.monotonic()
     summary: dict = {}
     sink: MetricsSink | None = None
+    previous_abort_handler = _install_abort_handler(services)
     try:
         model_path = str(resolve_model(cfg.model))
         if cfg.queue.redis_url:
@@ -212,17 +227,18 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
             # With AOF on, the same data dir brings back the streams, groups and counters of the previous run.
             services.redis = EmbeddedRedis(run_dir / "redis", durable=cfg.queue.durable).start()
             redis_url = services.redis.url
+            # The driver supervises what it started: a redis-server that dies is restarted from its AOF, or the run
+            # stops with what was lost (RunAborted, raised in this thread by _abort_on_signal).
+            services.redis.supervise(say=_redis_event_reporter(services))
         client = services.client = connect(redis_url)
         services.keys = keys
         if resume:
-            # Keep streams, pending entries and counters; forget the stop flag and the published weights (the
-            # learner republishes its checkpoint's, which may be older than the last ones published).
-            client.delete(keys.stop, keys.weights, keys.learner_version)
+            prepare_resume(client, keys)  # streams, pending entries and counters stay; stop flag and weights go
         else:
-            _reset_run_keys(client, keys)
+            wipe_run(client, keys)  # a fresh run starts from empty streams and counters
             # Checkpoints of an earlier run in this dir no longer match its (just wiped) queues and counters.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        prompt_queue = StreamQueue(client, keys.prompts, PROMPT_GROUP, "driver")
+        prompt_queue = StreamQueue(client, keys.prompts, PROMPT_GROUP, "driver", ledger=keys.ledger_keys)
         experience_queue = StreamQueue(client, keys.experience, EXPERIENCE_GROUP, "driver")
         prompt_queue.ensure_group()
         experience_queue.ensure_group()
@@ -230,13 +246,17 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         prompts, held_out = split_holdout(build_prompts(cfg.data), cfg.eval.holdout)
 
         _start_ray(cfg, services)
-        sink = MetricsSink(run_dir / "tensorboard" if cfg.tensorboard else None)
+        if services.prometheus is not None:
+            _start_prometheus(services.prometheus)
+        sink = MetricsSink(run_dir / "tensorboard" if cfg.tensorboard else None, wandb_run=start_wandb(
+            cfg.logging.wandb, run_dir, cfg.run_name, cfg.model_dump(mode="json"), resume=resume))
         services.weights_root = _weights_root(cfg)
         services.weights_root.mkdir(parents=True, exist_ok=True)
         services.learner = LearnerGroup(cfg, model_path, redis_url, str(services.weights_root), resume=resume)
         if resume:  # actors must start from the checkpoint's weights, which the learner publishes as it loads
             ray.get(services.learner.policy_version.remote())
-        actor_cls = ray.remote(RolloutActor).options(
+        actor_cls = ray.remote(RolloutActor)
+        rollout_options = dict(
             num_cpus=cfg.rollout.cpus_per_worker,
             num_gpus=cfg.rollout.gpus_per_worker,
             max_restarts=cfg.rollout.max_restarts,
@@ -244,7 +264,8 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         )
         # The pool starts rollout.num_workers actors; `resetrl scale` changes the count while the job runs.
         pool = services.rollout_pool = RolloutPool(
-            lambda index: actor_cls.remote(cfg, index, model_path, redis_url, str(services.weights_root)),
+            lambda index: actor_cls.options(**rollout_options, **actor_options(cfg, f"rollout-{index}")).remote(
+                cfg, index, model_path, redis_url, str(services.weights_root)),
             client, keys, prompt_queue, say=console.log,
         )
         pool.start(cfg.rollout.num_workers)
@@ -270,8 +291,10 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
             services.held_out_eval.run_now()  # the final policy
             summary.update(eval_summary(services.held_out_eval.results, summary["tokens_generated_curve"]))
             for point in summary["eval_curve"]:
-                sink.log(point["policy_version"], {"eval_accuracy": point["accuracy"]})
-        summary.update(_prompt_accounting(client, keys, prompts, accounting, read_stats(client, keys)))
+                sink.log(point["policy_version"], namespaced(eval=eval_scalars(point)))
+        summary.update(_prompt_accounting(client, keys, accounting, read_stats(client, keys)))
+        summary["learner_restarts"] = services.learner_restarts
+        summary["redis_restarts"] = services.redis.restarts if services.redis is not None else []
         stats = read_stats(client, keys)
         summary.update(
             samples_generated=int(stats.get("samples_generated", 0)),
@@ -285,20 +308,48 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
             tokens_trained=int(stats.get("tokens_trained", 0)),
             samples_per_s=round(stats.get("samples_generated", 0) / max(summary["train_loop_seconds"], 1e-9), 3),
             method=cfg.algorithm.name,
-            **{name: value for name, value in derived_rates(stats).items()},
+            **derived_rates(stats, cfg.algorithm.method),
+            metrics_last=dict(sorted(sink.last.items())) if sink is not None else {},
             counters=stats,
         )
-        summary["final_weights"] = _keep_final_weights(client, keys, model_path, run_dir)
+        summary["final_weights"] = _keep_final_weights(services, model_path, run_dir)
         summary["ray_session_dir"] = _ray_session_dir()
     finally:
         _shutdown(services)
         if sink is not None:
             sink.close()
+        if services.abort_handler_installed:
+            signal.signal(_ABORT_SIGNAL, previous_abort_handler)
     summary["wall_seconds"] = round(time.monotonic() - wall_started, 2)
     summary["run_dir"] = str(run_dir)
+    if cfg.monitor.plots:
+        summary["plots_dir"] = _write_plots(run_dir, summary)
     if summary_path:
         Path(summary_path).write_text(json.dumps(summary, indent=2))
+    for line in run_end_lines(summary):
+        console.print(line, highlight=False)
     return summary
+
+
+def _start_prometheus(prometheus: LocalPrometheus) -> None:
+    try:
+        prometheus.start(_ray_session_dir())
+    except (OSError, RuntimeError) as exc:  # watching is optional: the run goes on without it
+        log.warning("monitor.prometheus: %s; the run goes on without Prometheus", exc)
+        return
+    console.log(f"Prometheus for this run: {prometheus.url} (e.g. the query ray_resetrl_learner_reward_mean); "
+                "Grafana: docs/monitoring.md")
+
+
+def _write_plots(run_dir: Path, summary: dict) -> str | None:
+    from resetrl.plots import write_plots
+
+    try:
+        write_plots(run_dir, summary)
+    except Exception as exc:  # a picture must never fail a finished run
+        log.warning("plots not written to %s: %s", run_dir / "plots", exc)
+        return None
+    return str(run_dir / "plots")
 
 
 def _feed_target(cfg: RunConfig, step: int, stats: dict, starved_batches: int) -> int:
@@ -306,7 +357,7 @@ def _feed_target(cfg: RunConfig, step: int, stats: dict, starved_batches: int) -
     produced no trained records (dynamic sampling, stale drops) and for batches the learner went hungry on."""
     per_step = cfg.learner.prompts_per_step
     window = min(step + 1 + cfg.learner.max_staleness, cfg.total_steps) * per_step
-    stale_prompts = -(-int(stats.get("samples_dropped_stale", 0)) // cfg.records_per_prompt)
+    stale_prompts = int(stats.get("prompts_dropped_stale", 0))  # staleness drops whole processings
     return window + int(stats.get("prompts_without_records", 0)) + stale_prompts + starved_batches * per_step
 
 
@@ -318,7 +369,7 @@ def generation_budget_spent(cfg: RunConfig, tokens_generated_by_step: list[int])
 def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prompts, sink, pool,
                 start_step: int = 0) -> dict:
     # The data cursor lives in Redis (keys.prompts_fed): a resumed run goes on where the previous one stopped.
-    feeder = PromptFeeder(prompt_queue, prompts, fed=int(client.get(keys.prompts_fed) or 0), cursor_key=keys.prompts_fed)
+    feeder = PromptFeeder(prompt_queue, prompts, fed=prompts_fed(client, keys), keys=keys)
     rewards: list[float] = []
     # Per trained step, for bench/ (async overlap, algorithm curves): loop time at its end, the learner's train
     # seconds, and the tokens generated so far.
@@ -328,9 +379,12 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
     generate_seconds_curve: list[float] = []  # the actors' summed generate_seconds counter
     step, version, last_metrics, starved_batches = start_step, start_step, None, 0
     loop_started = time.monotonic()
-    client.set(keys.started_at, time.time(), nx=True)  # throughput in `resetrl status`; a resumed run keeps it
-    view = _ProgressView(cfg.total_steps)
-    with view.progress:
+    mark_train_started(client, keys)  # throughput in `resetrl status`; a resumed run keeps the first start
+    held_out = services.held_out_eval
+    evals_logged = 0  # held-out results already sent to the sink (each is logged once, as it arrives)
+    queues = lambda: {"prompts": prompt_queue.depth(), "experience": experience_queue.depth()}  # noqa: E731
+    view = RunDisplay(cfg.total_steps, cfg.run_path, run_header(cfg, services.dashboard_url))
+    with view:
         while step < cfg.total_steps and not generation_budget_spent(cfg, tokens_generated_curve):
             feeder.feed_until(_feed_target(cfg, step, read_stats(client, keys), starved_batches))
             pending = services.learner.train_step.remote(timeout_s=5.0)
@@ -338,7 +392,7 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
                 done, _ = ray.wait([pending], timeout=0.5)
                 elapsed = time.monotonic() - loop_started
                 stats = read_stats(client, keys)
-                view.update(step, _status_line(last_metrics, stats, experience_queue.depth(), version, elapsed))
+                view.update(step, stats=stats, elapsed=elapsed, queues=queues())
                 if done:
                     break
                 # `resetrl scale` writes the wanted worker count to Redis; one GET per poll is the whole cost.
@@ -346,7 +400,11 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
                 if pool.poll():  # first: a dead worker that scale added is dropped there, not raised below
                     _write_actor_pids(cfg.run_path, pool)
                 _raise_if_rollout_died(pool.active_runs)
-            metrics = ray.get(pending)
+            try:
+                metrics = ray.get(pending)
+            except ray.exceptions.RayActorError as exc:
+                _wait_for_restarted_learner(cfg, services, exc, loop_started)  # RunAborted once restarts are used up
+                continue
             if metrics is None:
                 # Every fed prompt is done, yet the learner lacks records (strategies may yield fewer than
                 # records_per_prompt, e.g. dropped groups): feed another step's worth.
@@ -361,23 +419,25 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
             learner_train_seconds.append(round(metrics.get("train_seconds", 0.0), 3))
             tokens_generated_curve.append(int(stats.get("tokens_generated", 0)))
             generate_seconds_curve.append(round(float(stats.get("generate_seconds", 0.0)), 3))
-            scalars = {
-                **metrics,
-                **derived_rates(stats),
-                "queue_depth_experience": experience_queue.depth(),
-                "queue_depth_prompts": prompt_queue.depth(),
-                "samples_per_s": stats.get("samples_generated", 0) / max(elapsed, 1e-9),
-                "rollout_tokens_per_s": stats.get("tokens_generated", 0) / max(elapsed, 1e-9),
-                "samples_dropped_stale": stats.get("samples_dropped_stale", 0),
-            }
-            sink.log(step, scalars)
-            if services.held_out_eval is not None:
-                services.held_out_eval.after_step(step)
-            view.update(step, _status_line(last_metrics, stats, experience_queue.depth(), version, elapsed))
-            console.log(
-                f"step {step}/{cfg.total_steps} v{version} reward {metrics['reward_mean']:.3f} "
-                f"loss {metrics.get('loss', float('nan')):.4f} len {metrics.get('response_len_mean', 0):.1f}"
+            scalars = namespaced(
+                learner=metrics,
+                rollout=derived_rates(stats, cfg.algorithm.method),
+                system={
+                    **stats,  # every counter of the run (resetrl/run_state.py incr_stats)
+                    "queue_depth_experience": experience_queue.depth(),
+                    "queue_depth_prompts": prompt_queue.depth(),
+                    "samples_per_s": stats.get("samples_generated", 0) / max(elapsed, 1e-9),
+                    "rollout_tokens_per_s": stats.get("tokens_generated", 0) / max(elapsed, 1e-9),
+                },
             )
+            sink.log(step, scalars)
+            if held_out is not None:
+                held_out.after_step(step)
+                for point in held_out.results[evals_logged:]:  # at its policy version, while the run is up
+                    sink.log(point["policy_version"], namespaced(eval=eval_scalars(point)))
+                evals_logged = len(held_out.results)
+            view.update(step, stats=stats, elapsed=elapsed, queues=queues(), scalars=scalars, step_ended=True,
+                        eval_results=held_out.results if held_out is not None else None)
     return {
         "steps": step,
         "policy_version": version,
@@ -397,7 +457,11 @@ def _start_evaluator(cfg: RunConfig, services: RunServices, model_path: str, red
                      held_out: list[PromptRecord]) -> HeldOutEval:
     from resetrl.actors.evaluator import Evaluator
 
-    evaluator_cls = ray.remote(Evaluator).options(num_cpus=cfg.eval.cpus, num_gpus=cfg.eval.gpus)
+    # Ray restarts an evaluator that dies (its engine loads the newest weights at each evaluation) and retries the
+    # evaluation it was running.
+    evaluator_cls = ray.remote(Evaluator).options(num_cpus=cfg.eval.cpus, num_gpus=cfg.eval.gpus,
+                                                  max_restarts=cfg.rollout.max_restarts, max_task_retries=-1,
+                                                  **actor_options(cfg, "evaluator"))
     services.evaluator = evaluator_cls.remote(cfg, model_path, redis_url, str(services.weights_root), held_out)
     services.held_out_eval = HeldOutEval(services.evaluator, cfg.eval.every)
     return services.held_out_eval
@@ -423,17 +487,16 @@ def _raise_if_rollout_died(actor_runs: list) -> None:
         raise RuntimeError("every rollout worker stopped before training finished; see the Ray logs")
 
 
-def _keep_final_weights(client, keys: RunKeys, model_path: str, run_dir: Path) -> str | None:
-    """Copy the newest published weights and the model's config/tokenizer into run_dir/final (a loadable HF folder)."""
-    published = client.hgetall(keys.weights)
-    if not published:
+def _keep_final_weights(services: RunServices, model_path: str, run_dir: Path) -> str | None:
+    """The learner's final weights (asked of the learner itself, so every weight channel gives them, nccl too) and
+    the model's config/tokenizer, into run_dir/final: a loadable HF folder."""
+    blob = ray.get(services.learner.export_weights.remote())
+    if blob is None:
         return None
-    source = Path(published[b"path"].decode())
     final = run_dir / "final"
     shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(model_path, final, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    for weights_file in source.glob("*.safetensors"):
-        shutil.copy2(weights_file, final / weights_file.name)
+    shutil.copytree(model_path, final, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json"))
+    (final / WEIGHTS_FILE).write_bytes(blob)
     return str(final)
 
 
@@ -450,7 +513,8 @@ def _shutdown(services: RunServices) -> None:
     Actors are killed, not asked to close: the engines (vLLM's core included) live in the actor processes, so
     ending the process frees everything, and a busy actor (mid-generation after Ctrl-C) cannot delay the stop.
     """
-    if services.client is not None:
+    redis_lost = services.redis is not None and services.redis.lost is not None
+    if services.client is not None and not redis_lost:  # a lost Redis would only be retried for ~20 s
         try:
             request_stop(services.client, services.keys)
         except Exception:
@@ -473,7 +537,9 @@ def _shutdown(services: RunServices) -> None:
     if services.redis is not None:
         services.redis.stop()
     if services.adopted_redis:
-        _shutdown_redis(services.adopted_redis)
+        shutdown_server(services.adopted_redis)  # AOF (when on) is flushed first
+    if services.prometheus is not None:
+        services.prometheus.stop()
     if services.weights_root is not None:
         shutil.rmtree(services.weights_root.parent, ignore_errors=True)
 
@@ -493,61 +559,84 @@ def _kill_weight_store(run_name: str) -> None:
 
 def _live_run_redis(run_dir: Path) -> str | None:
     """The URL of the run's embedded redis-server if it still answers (its driver died without stopping it)."""
-    import redis
-
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         return None
     url = json.loads(info_path.read_text()).get("redis_url")
     if not url:
         return None
-    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
-    try:
-        probe.ping()
-        return url
-    except redis.RedisError:
-        return None
-    finally:
-        probe.close()
+    return url if unreachable(url, connect_timeout_s=1, timeout_s=2) is None else None
 
 
-def _shutdown_redis(url: str) -> None:
-    import redis
-
-    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
-    try:
-        probe.shutdown()  # AOF (when on) is flushed first
-    except redis.RedisError:
-        pass
-    finally:
-        probe.close()
-
-
-def _prompt_accounting(client, keys: RunKeys, prompts: list[PromptRecord], learner_accounting: dict, stats: dict) -> dict:
-    """Where every fed prompt went: trained, dropped as stale, still queued (prompts or experience), or lost.
-
-    prompts_lost = fed prompt ids found nowhere, less the prompts that legitimately produced no records
-    (dynamic sampling drops whole groups); it must be 0. duplicates_trained comes from the learner: records
-    trained more than once in the final model's history; it must be 0.
-    """
-    feeder = PromptFeeder(None, prompts)
-    fed = int(client.get(keys.prompts_fed) or 0)
-    accounted = set(learner_accounting["trained_prompt_ids"])
-    accounted |= {member.decode() for member in client.smembers(keys.prompts_dropped_stale)}
-    for stream, decode in ((keys.prompts, decode_prompt), (keys.experience, decode_experience)):
-        for _entry_id, fields in client.xrange(stream):
-            try:
-                accounted.add(decode(fields.get(b"r", b"")).prompt_id)
-            except WireFormatError:
-                pass
-    unaccounted = [feeder.prompt_id(index) for index in range(fed) if feeder.prompt_id(index) not in accounted]
+def _prompt_accounting(client, keys: RunKeys, learner_accounting: dict, stats: dict) -> dict:
+    """Where every fed prompt went, from the ledger in Redis (resetrl/run_state.py ledger_summary), not from the
+    learner's dedupe: `ledger` = {fed, trained, dropped_stale, dropped_no_signal, dead_lettered, in_flight, lost,
+    trained_twice, second_attempts}; lost and trained_twice must be 0. prompts_lost and duplicates_trained repeat
+    the ledger's lost and trained_twice under their older names."""
+    ledger = ledger_summary(client, keys)
     return {
-        "prompts_fed": fed,
-        "prompts_trained": len(learner_accounting["trained_prompt_ids"]),
-        "prompts_unaccounted": len(unaccounted),
-        "prompts_lost": max(0, len(unaccounted) - int(stats.get("prompts_without_records", 0))),
-        "duplicates_trained": learner_accounting["duplicates_trained"],
-        "duplicates_dropped": learner_accounting["duplicates_dropped"],
-        "records_dead_lettered": int(client.xlen(f"{keys.experience}:dead")),
-        "prompts_dead_lettered": int(client.xlen(f"{keys.prompts}:dead")),
+        "ledger": ledger,
+        "prompts_fed": ledger["fed"],
+        "prompts_trained": ledger["trained"],
+        "prompts_lost": ledger["lost"],
+        "duplicates_trained": ledger["trained_twice"],
+        "duplicates_dropped": int(stats.get("records_duplicate", 0)),  # dead-lettered as duplicates
+        "records_dead_lettered": stream_length(client, dead_letter_stream(keys.experience)),
+        "prompts_dead_lettered": stream_length(client, dead_letter_stream(keys.prompts)),
     }
+
+
+def _install_abort_handler(services: RunServices):
+    """In the main thread: _ABORT_SIGNAL raises RunAborted with what was lost (see _redis_event_reporter)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def abort(_signum, _frame):
+        signal.signal(_ABORT_SIGNAL, signal.SIG_IGN)  # once: the unwinding must not be interrupted again
+        raise RunAborted(services.redis.lost if services.redis is not None and services.redis.lost else "aborted")
+
+    previous = signal.signal(_ABORT_SIGNAL, abort)
+    services.abort_handler_installed = True
+    return previous
+
+
+def _redis_event_reporter(services: RunServices):
+    """What the redis supervisor says goes to the console; a loss also stops the main thread (RunAborted)."""
+    main = threading.main_thread()
+
+    def say(message: str) -> None:
+        console.log(message)
+        if services.redis is not None and services.redis.lost and services.abort_handler_installed:
+            signal.pthread_kill(main.ident, _ABORT_SIGNAL)
+
+    return say
+
+
+def _wait_for_restarted_learner(cfg: RunConfig, services: RunServices, error: Exception, loop_started: float) -> None:
+    """The learner died inside the run. Ray restarts it (learner.max_restarts) and it resumes from its newest
+    checkpoint by itself (learner/learner.py); wait until it answers, note its new pid in run.json. Once Ray's
+    restarts are used up, the run stops with what to do."""
+    died = time.monotonic()
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    used = len(services.learner_restarts) + 1
+    if used > services.learner.max_restarts:
+        raise RunAborted(f"the learner died ({reason}) and its restarts are used up (learner.max_restarts="
+                         f"{services.learner.max_restarts}); `resetrl train --resume {cfg.run_path}` continues from "
+                         "the newest checkpoint") from None
+    console.log(f"the learner died ({reason}); Ray restarts it ({used} of learner.max_restarts="
+                f"{services.learner.max_restarts}); it resumes from its newest checkpoint")
+    try:
+        pid = ray.get(services.learner.pid.remote())
+        version = ray.get(services.learner.policy_version.remote())
+    except ray.exceptions.RayActorError as exc:
+        raise RunAborted(f"the learner died ({reason}) and did not come back ({exc}); `resetrl train --resume "
+                         f"{cfg.run_path}` continues from the newest checkpoint") from None
+    back = time.monotonic()
+    services.learner_restarts.append({"died_after_s": round(died - loop_started, 2),
+                                      "back_after_s": round(back - died, 2), "resumed_at_version": version})
+    info_path = cfg.run_path / "run.json"
+    info = {**json.loads(info_path.read_text()), "learner_pid": pid}
+    partial = info_path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(info))
+    partial.replace(info_path)
+    console.log(f"the learner is back (pid {pid}) after {back - died:.1f} s, at policy version {version}")

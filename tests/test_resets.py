@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from resetrl.algorithms.resets import (
+    PARSED_SOURCES,
     localisation_prompt,
     offset_reset_step,
     parse_localised_step,
@@ -123,6 +124,17 @@ def test_a_g2_whose_continuations_all_fail_has_zero_advantage():
     assert g2_adv.tolist() == approx([1.5, -0.5, -0.5, -0.5])
 
 
+def test_reset_advantages_with_the_population_std_of_the_reference_code():
+    # G1 [1, 1, 1, 0]: mean 0.75, population var (3 * 0.0625 + 0.5625) / 4 = 0.1875, std 0.4330127
+    #   -> 0.25 / 0.4330127 = 0.5773503, -0.75 / 0.4330127 = -1.7320508
+    # G2 [1, 0]: mean 0.5, population std 0.5 -> +-1 (the sample std, 0.7071068, would give +-0.7071068)
+    g1_adv, g2_adv = reset_advantages([1, 1, 1, 0], [1, 0], ddof=0)
+    assert g1_adv.tolist() == approx([0.5773503, 0.5773503, 0.5773503, -1.7320508])
+    assert g2_adv.tolist() == approx([1.0, -1.0])
+    _, g2_sample = reset_advantages([1, 1, 1, 0], [1, 0], ddof=1)
+    assert g2_sample.tolist() == approx([0.7071068, -0.7071068])
+
+
 def test_reset_advantages_without_std_normalisation_only_center():
     g1_adv, g2_adv = reset_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0]), [1, 0, 0, 0], std_normalize=False)
     assert g1_adv.tolist() == approx([0.25, 0.25, 0.25, -0.75])
@@ -132,7 +144,8 @@ def test_reset_advantages_without_std_normalisation_only_center():
 def test_a_parent_with_one_step_resets_to_the_start():
     # One step: RRPO and SRPO can only pick step 1, so the prefix is empty and G2 trains its whole response.
     assert random_reset_step(1, random.Random(7)) == 1
-    assert parse_localised_step("The error is in \\boxed{3}", num_steps=1) == (1, "boxed")
+    assert parse_localised_step("The error is in \\boxed{1}", num_steps=1) == (1, "boxed")
+    assert parse_localised_step("The error is in \\boxed{3}", num_steps=1) == (1, "fallback")  # out of range
     assert prefix_token_length([0], reset_step=1) == 0
     assert suffix_loss_mask(prompt_length=3, prefix_length=0, total_length=7).tolist() == [0, 0, 0, 1, 1, 1, 1]
 
@@ -140,16 +153,23 @@ def test_a_parent_with_one_step_resets_to_the_start():
 # ---------------------------------------------------------------- localisation
 
 
-def test_localisation_prompt_shows_numbered_steps_and_asks_for_a_boxed_step():
+def test_localisation_prompt_shows_numbered_steps_and_asks_for_the_originating_step():
     prompt = localisation_prompt(
         "What is 2x if x = 3?", ["Let x = 3.", "\nThen 2x = 5.\n", "Final answer: 5"], final_answer="5"
     )
     assert "What is 2x if x = 3?" in prompt
     assert "Step 1: Let x = 3.\nStep 2: Then 2x = 5.\nStep 3: Final answer: 5" in prompt
     assert "The final answer of this attempt, 5, is wrong." in prompt
+    # the reference's instructions, in our words: the origin, not the symptom; a step that cannot be justified;
+    # no re-solving; one step in range; a mandatory final \boxed{N} that is a step number
+    assert "Find the step where the error originates" in prompt
+    assert "not at the symptom" in prompt
+    assert "cannot be justified from the problem statement and the steps before it" in prompt
     assert "Do not solve the problem again." in prompt
-    assert "between 1 and 3, as \\boxed{k}" in prompt
-    assert "correct answer" not in prompt
+    assert "Choose exactly one step number, from 1 to 3." in prompt
+    assert "must end with a line holding only \\boxed{N}, where N is the number of that step" in prompt
+    assert prompt.endswith("Write nothing after it.")
+    assert "correct answer is" not in prompt
 
 
 def test_the_reveal_variant_states_the_gold_answer():
@@ -161,34 +181,55 @@ def test_localisation_prompt_without_an_extracted_answer():
     prompt = localisation_prompt("Q?", ["I give up."], final_answer=None)
     assert "does not reach a correct final answer" in prompt
     assert "Step 1: I give up." in prompt
+    assert "from 1 to 1." in prompt
+    with pytest.raises(ValueError, match="at least one step"):
+        localisation_prompt("Q?", [], final_answer=None)
 
 
 @pytest.mark.parametrize(
     "answer, expected",
     [
+        # in range: the last \boxed{N}
         ("The sign flips when expanding, so the error originates in step 2.\n\n\\boxed{2}", (2, "boxed")),
         ("\\boxed{ 3 }", (3, "boxed")),
-        ("\\boxed{Step 3}", (3, "boxed")),
+        ("\\boxed{+4}", (4, "boxed")),
         ("I first thought \\boxed{2}, but on reflection \\boxed{4}", (4, "boxed")),
         ("Step 1 is right, Step 2 too, so \\boxed{3}", (3, "boxed")),  # a box beats any mention
+        ("\\boxed{0}", (1, "no_error")),  # "no step is wrong": the reference resets at step 1
+        # only the last box is read: out of range, it falls through to the mentions (not to the earlier box)
+        ("Maybe \\boxed{2}; no, \\boxed{9}", (1, "fallback")),
+        ("Step 2 is wrong. \\boxed{99}", (2, "step_mention")),
+        ("\\boxed{-2}", (1, "fallback")),
+        ("\\boxed{Step 3}", (3, "step_mention")),  # not an integer in the box; its "Step 3" is a mention
+        ("\\boxed{3.5} since step 4 is off", (4, "step_mention")),
+        ("the error is in step 2 \\boxed{3", (2, "step_mention")),  # the box is never closed
+        # "Step N" only: the last mention, in range
         ("Step 3 is wrong: 2 + 2 is not 5.", (3, "step_mention")),
         ("**Step 3** contains the mistake.", (3, "step_mention")),
-        # the last mention wins, even though the model meant step 2 (ALGORITHMS.md's rule, kept as specified)
-        ("The error is in step 2, where the sign flips. Step 4 is fine.", (4, "step_mention")),
-        ("\\boxed{x}: I cannot tell which step is wrong.", (2, "fallback")),  # 5 // 2
-        ("", (2, "fallback")),
-        ("\\boxed{0}", (1, "boxed")),  # out of range: clamped, source kept
-        ("\\boxed{99}", (5, "boxed")),
-        ("\\boxed{-2}", (1, "boxed")),
-        ("Step 0 is where it goes wrong.", (1, "step_mention")),
-        ("The error is in step 12.", (5, "step_mention")),
+        ("The error is in step 2, where the sign flips. Step 4 is fine.", (4, "step_mention")),  # last wins
+        ("Step 2 is wrong. Step 7 is where it shows.", (1, "fallback")),  # the last mention is out of range
+        ("Step 0 is where it goes wrong.", (1, "fallback")),
+        ("The error is in step 12.", (1, "fallback")),
+        ("STEP 3 is wrong; Step3 too.", (1, "fallback")),  # neither matches the reference's pattern
+        # nothing usable: step 1
+        ("\\boxed{x}: I cannot tell which step is wrong.", (1, "fallback")),
+        ("no idea", (1, "fallback")),
+        # empty output: the middle step
+        ("", (2, "empty")),
+        ("  \n\t ", (2, "empty")),
     ],
 )
 def test_parse_localised_step(answer, expected):
     assert parse_localised_step(answer, num_steps=5) == expected
 
 
+def test_parsed_sources_are_those_that_name_a_step():
+    assert PARSED_SOURCES == {"boxed", "step_mention"}
+
+
 def test_parse_localised_step_needs_a_step():
-    assert parse_localised_step("no idea", num_steps=1) == (1, "fallback")  # 1 // 2 = 0, clamped to 1
+    assert parse_localised_step("no idea", num_steps=1) == (1, "fallback")
+    assert parse_localised_step("", num_steps=1) == (1, "empty")  # 1 // 2 = 0, clamped to 1
+    assert parse_localised_step("", num_steps=4) == (2, "empty")
     with pytest.raises(ValueError, match="at least one step"):
         parse_localised_step("\\boxed{1}", num_steps=0)

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from resetrl.redis_server import free_port
+from resetrl.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -76,7 +76,7 @@ def test_math_verifier_works_outside_the_main_thread():
 
 
 def test_unknown_verifier_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="registered verifiers: .*math.*reasoning_gym"):
+    with pytest.raises(ValueError, match="unknown verifier 'exact' .*registered: .*math.*reasoning_gym"):
         get_verifier("exact")
 
 

@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from resetrl.actors.engines import SamplingSettings, make_engine
+from resetrl.actors.engines.weight_receivers import (
+    NcclWeightReceiver, RayObjectStoreWeightReceiver, SharedFolderWeightReceiver,
+)
 from resetrl.config import ModelConfig, RunConfig
 from resetrl.models import resolve_model
+from resetrl.net import free_port
 from resetrl.run_state import RunKeys, read_stats, request_stop
-from resetrl.weight_buckets import (
+from resetrl.weights import NcclWeightChannel, RayObjectStoreWeightChannel, make_weight_channel
+from resetrl.weights.buckets import (
     ALIGN_BYTES, TensorSpec, broadcast_bucket, bucket_nbytes, open_group, open_store, pack_bucket, plan_buckets,
     receive_buckets, unpack_bucket,
-)
-from resetrl.weights import (
-    NcclWeightChannel, RayObjectStoreWeightChannel, SharedFolderWeightChannel, _free_port, make_weight_channel,
 )
 
 PROMPTS = [[1, 9690, 198, 2683, 359], [5, 6, 7, 8, 9]]
@@ -100,7 +102,7 @@ def test_a_two_rank_group_broadcasts_every_bucket_from_rank_0():
     tensors = {"a": torch.randn(40), "b": torch.randn(3, 3).to(torch.bfloat16), "c": torch.randn(100)}
     buckets = plan_buckets([(n, t.shape, t.dtype) for n, t in tensors.items()], bucket_bytes=300)
     assert [[s.name for s in b] for b in buckets] == [["a", "b"], ["c"]]  # 256 + 18 <= 300 < 256 + 18 + 400
-    port, received = _free_port(), {}
+    port, received = free_port(), {}
 
     def engine_rank():
         group = open_group(open_store("127.0.0.1", port, 1, 2, 30), 1, 2, "gloo", 30)
@@ -120,15 +122,24 @@ def test_a_two_rank_group_broadcasts_every_bucket_from_rank_0():
 # ------------------------------------------------------------------------------------------- the factory
 
 
+def test_every_configurable_channel_is_registered():
+    from typing import get_args
+
+    from resetrl.config import LearnerConfig
+    from resetrl.weights import WEIGHT_CHANNELS
+
+    assert sorted(get_args(LearnerConfig.model_fields["weight_channel"].annotation)) == WEIGHT_CHANNELS.names()
+
+
 def test_the_config_names_the_channel(redis_client, tmp_path):
     keys = RunKeys("factory")
     cfg = RunConfig()
     assert cfg.learner.weight_channel == "shared_folder"
-    assert isinstance(make_weight_channel(cfg, "engine", redis_client, keys, tmp_path), SharedFolderWeightChannel)
+    assert isinstance(make_weight_channel(cfg, "engine", redis_client, keys, tmp_path), SharedFolderWeightReceiver)
     cfg = RunConfig.model_validate({"learner": {"weight_channel": "nccl"}, "rollout": {"num_workers": 2}})
     learner = make_weight_channel(cfg, "learner", redis_client, keys, tmp_path)
     engine = make_weight_channel(cfg, "engine", redis_client, keys, tmp_path, worker_index=1)
-    assert isinstance(engine, NcclWeightChannel)
+    assert isinstance(learner, NcclWeightChannel) and isinstance(engine, NcclWeightReceiver)
     assert (learner.rank, engine.rank, engine.world_size) == (0, 2, 3)
     with pytest.raises(ValueError, match="elastic workers beyond rollout.num_workers need"):
         make_weight_channel(cfg, "engine", redis_client, keys, tmp_path, worker_index=2)
@@ -144,7 +155,7 @@ def test_broadcast_update_makes_the_engine_generate_what_the_learner_generates(r
     before = greedy_tokens(engine)
     sender = NcclWeightChannel(redis_client, keys, rank=0, world_size=2, bucket_bytes=64 * 1024,
                                join_timeout_s=60, backend="gloo", host="127.0.0.1")
-    receiver = NcclWeightChannel(redis_client, keys, rank=1, world_size=2, join_timeout_s=60)
+    receiver = NcclWeightReceiver(redis_client, keys, rank=1, world_size=2, join_timeout_s=60)
     outcomes, held = [], [0]
 
     def engine_loop(version: int):  # the rollout actor's sync_weights, between batches, until it holds `version`
@@ -184,7 +195,7 @@ def test_an_update_no_engine_joins_is_called_off_and_the_engine_keeps_its_weight
 
     engine = make_engine("hf", str(tiny_path))
     before = greedy_tokens(engine)
-    receiver = NcclWeightChannel(redis_client, keys, rank=1, world_size=2, join_timeout_s=1)
+    receiver = NcclWeightReceiver(redis_client, keys, rank=1, world_size=2, join_timeout_s=1)
     version, location = receiver.latest()
     assert receiver.load_into(engine, version, location) is False  # at once: no wait for a go that never comes
     assert greedy_tokens(engine) == before
@@ -222,7 +233,7 @@ class _EngineActor:
         from resetrl.queue import connect
 
         self.engine = make_engine("hf", model_path)
-        self.channel = RayObjectStoreWeightChannel(root, connect(redis_url), RunKeys(run_name))
+        self.channel = RayObjectStoreWeightReceiver(root, connect(redis_url), RunKeys(run_name))
 
     def sync(self) -> int | None:
         latest = self.channel.latest()
@@ -266,6 +277,7 @@ def test_object_store_keeps_only_the_newest_versions(local_ray, redis_client, ti
     for version in (1, 2, 3):
         channel.publish(state, version)
     engine = make_engine("hf", str(tiny_path))
-    assert channel.load_into(engine, 1, "ray://old") is False  # pruned: the engine asks latest() again
-    assert channel.load_into(engine, 3, channel.latest()[1]) is True
+    receiver = RayObjectStoreWeightReceiver(tmp_path, redis_client, keys)
+    assert receiver.load_into(engine, 1, "ray://old") is False  # pruned: the engine asks latest() again
+    assert receiver.load_into(engine, 3, receiver.latest()[1]) is True
     channel.close()

@@ -13,33 +13,13 @@ from __future__ import annotations
 from typing import Callable
 
 from resetrl.record import PromptRecord
+from resetrl.registry import Registry
 
 Verifier = Callable[[str, PromptRecord], float]
 
-_VERIFIERS: dict[str, Verifier] = {}
-
-
-def register(name: str) -> Callable[[Verifier], Verifier]:
-    """Decorator: make `fn` available as `get_verifier(name)`."""
-
-    def decorator(fn: Verifier) -> Verifier:
-        if name in _VERIFIERS and _VERIFIERS[name] is not fn:
-            owner = _VERIFIERS[name].__module__
-            raise ValueError(f"verifier '{name}' is already registered (by {owner}); pick another name")
-        _VERIFIERS[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_verifier(name: str) -> Verifier:
-    try:
-        return _VERIFIERS[name]
-    except KeyError:
-        known = ", ".join(sorted(_VERIFIERS)) or "(none)"
-        raise ValueError(
-            f"unknown verifier '{name}' (algorithm.verifier); registered verifiers: {known}"
-        ) from None
+VERIFIERS: Registry[Verifier] = Registry("verifier", "algorithm.verifier")
+register = VERIFIERS.register  # @register("name") makes a function available as get_verifier("name")
+get_verifier = VERIFIERS.get
 
 
 # Imported for their @register side effect; at the bottom because they import `register` from here.

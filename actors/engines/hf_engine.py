@@ -5,6 +5,10 @@ log_softmax(logits / temperature) at that token, over the whole vocabulary: top-
 drawn but is not renormalised into the reported number (base.py). With top_p = 1 this is exactly the
 distribution sampled from; with top_p < 1 the reported value is lower by log(kept probability mass).
 Greedy decoding (temperature 0) reports log_softmax(logits), as vLLM does.
+
+Shared prompt cache: the n samples of a prompt start from the same keys and values, so each distinct prompt of a
+batch is encoded once and its cache copied to its n rows (all but the prompt's last token, which generate encodes
+per row); the samples are those the per-row encoding gives (tests/test_engines.py checks it).
 """
 
 from __future__ import annotations
@@ -14,10 +18,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from resetrl.actors.engines.base import Completion, Engine, SamplingSettings
+from resetrl.actors.engines.base import Completion, Engine, SamplingSettings, empty_completion, request_budgets
 from resetrl.weight_buckets import TensorSpec, open_group, open_store, receive_buckets
 
 
@@ -32,6 +44,7 @@ class HFEngine(Engine):
         seed: int = 0,
         device: str | None = None,
         max_batch_sequences: int = 64,
+        share_prompt_cache: bool = True,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -51,33 +64,48 @@ class HFEngine(Engine):
             eos_token_id=sorted(self.eos_token_ids), pad_token_id=self.pad_token_id
         )
         self.max_batch_sequences = max_batch_sequences
+        self.shares_prompt_prefill = share_prompt_cache  # False: every row encodes its prompt (the old path)
         self._call_seeds = random.Random(seed)
 
     @torch.no_grad()
     def generate(
-        self, prompts_token_ids: list[list[int]], n: int, sampling: SamplingSettings
+        self,
+        prompts_token_ids: list[list[int]],
+        n: int,
+        sampling: SamplingSettings,
+        budgets: list[int] | None = None,
     ) -> list[list[Completion]]:
-        _check_request(prompts_token_ids, n)
+        limits = request_budgets(prompts_token_ids, n, sampling, budgets)
         if not prompts_token_ids:
             return []
         seed = sampling.seed if sampling.seed is not None else self._call_seeds.randrange(2**31)
-        sequences = [prompt for prompt in prompts_token_ids for _ in range(n)]  # prompt-major, n each
+        # Prompt-major rows, n per prompt; a prompt whose budget is spent gets no row.
+        rows = [i for i, limit in enumerate(limits) for _ in range(n) if limit > 0]
         completions: list[Completion] = []
         # A private RNG stream: seeding here must not reseed the caller's (e.g. the learner's) global generator.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for start in range(0, len(sequences), self.max_batch_sequences):
-                completions += self._generate_batch(sequences[start : start + self.max_batch_sequences], sampling)
-        return [completions[i * n : (i + 1) * n] for i in range(len(prompts_token_ids))]
+            for start in range(0, len(rows), self.max_batch_sequences):
+                chunk = rows[start : start + self.max_batch_sequences]
+                completions += self._generate_batch(
+                    [prompts_token_ids[i] for i in chunk], [limits[i] for i in chunk], sampling
+                )
+        result: list[list[Completion]] = [[] for _ in prompts_token_ids]
+        for i, completion in zip(rows, completions):
+            result[i].append(completion)
+        return [samples or [empty_completion() for _ in range(n)] for samples in result]
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+    def _generate_batch(
+        self, prompts: list[list[int]], limits: list[int], sampling: SamplingSettings
+    ) -> list[Completion]:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         greedy = sampling.temperature == 0
         recorder = _SampledLogprobs(1.0 if greedy else sampling.temperature)
         processors = LogitsProcessorList([recorder])
@@ -90,26 +118,55 @@ class HFEngine(Engine):
             sampling_flags = {"do_sample": False}
         config = GenerationConfig(
             **sampling_flags,
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=max(limits),
             eos_token_id=sorted(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
             stop_strings=list(sampling.stop) or None,
             return_dict_in_generate=True,
         )
+        shared = self._shared_prompt_cache(prompts, input_ids, attention_mask) if self.shares_prompt_prefill else None
         out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             generation_config=config,
             logits_processor=processors,
             tokenizer=self.tokenizer if sampling.stop else None,
+            # A row whose budget is below the batch's largest is finished there (then padded, cut in _completion).
+            stopping_criteria=StoppingCriteriaList([_RowBudgets(width, limits, input_ids.device)]),
+            **({"past_key_values": shared} if shared is not None else {}),
         )
         new_tokens = out.sequences[:, width:].cpu()
         logprobs = recorder.finish(out.sequences[:, -1]).cpu()
         return [
-            self._completion(new_tokens[row].tolist(), logprobs[row].tolist(), sampling) for row in range(len(prompts))
+            self._completion(new_tokens[row].tolist(), logprobs[row].tolist(), sampling, limits[row])
+            for row in range(len(prompts))
         ]
 
-    def _completion(self, tokens: list[int], logprobs: list[float], sampling: SamplingSettings) -> Completion:
+    def _shared_prompt_cache(self, prompts: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Keys and values of the batch's prompts, each distinct prompt encoded once and copied to its rows; None
+        when no prompt repeats (nothing to share). The last column is left for generate, which needs one new token
+        per row to start from."""
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        if len(distinct) == len(prompts) or input_ids.shape[1] < 2:
+            return None
+        first_rows = [prompt_of_row.index(k) for k in range(len(distinct))]
+        ids, mask = input_ids[first_rows, :-1], attention_mask[first_rows, :-1]
+        # The positions and mask generate would use for these columns (generation/utils.py: cumsum of the mask,
+        # padding at 0; an all-ones mask dropped), so every row sees the keys and values its own encoding gives.
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = self.model(
+            input_ids=ids,
+            attention_mask=None if bool((attention_mask == 1).all()) else mask,
+            position_ids=position_ids,
+            use_cache=True,
+        ).past_key_values
+        cache.reorder_cache(torch.tensor(prompt_of_row, device=input_ids.device))
+        return cache
+
+    def _completion(
+        self, tokens: list[int], logprobs: list[float], sampling: SamplingSettings, limit: int
+    ) -> Completion:
         # After a sequence finishes, generate fills its row with pad tokens, and pad is often the EOS itself:
         # the first EOS ends the response (kept, as vLLM keeps it), a stop string ends it just before that.
         end = next((t + 1 for t, token in enumerate(tokens) if token in self.eos_token_ids), None)
@@ -118,6 +175,8 @@ class HFEngine(Engine):
         stop_end = self._stop_string_end(tokens[: end - 1] if finish == "stop" else tokens, sampling.stop)
         if stop_end is not None:
             end, finish = stop_end, "stop"
+        if end > limit:  # finished by its budget: the pad after it may be the EOS
+            end, finish = limit, "length"
         tokens, logprobs = tokens[:end], logprobs[:end]
         return Completion(
             token_ids=tokens,
@@ -195,6 +254,17 @@ class HFEngine(Engine):
             torch.cuda.empty_cache()
 
 
+class _RowBudgets(StoppingCriteria):
+    """Finishes each row once it has generated its own budget of tokens (per-prompt budgets within one batch)."""
+
+    def __init__(self, prompt_width: int, limits: list[int], device: torch.device) -> None:
+        self.prompt_width = prompt_width
+        self.limits = torch.tensor(limits, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.limits
+
+
 class _SampledLogprobs(LogitsProcessor):
     """Records log_softmax(logits / T) of each sampled token without keeping a (batch, steps, vocab) tensor.
 
@@ -221,10 +291,3 @@ class _SampledLogprobs(LogitsProcessor):
         self._gather(last_tokens)
         return torch.stack(self.gathered, dim=1)
 
-
-def _check_request(prompts_token_ids: list[list[int]], n: int) -> None:
-    if n < 1:
-        raise ValueError(f"n = {n}: ask for at least one sample per prompt")
-    for i, prompt in enumerate(prompts_token_ids):
-        if not prompt:
-            raise ValueError(f"prompt {i} has no tokens: every prompt needs at least one token")

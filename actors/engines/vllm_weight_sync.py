@@ -5,7 +5,7 @@ vLLM calls these through `llm.collective_rpc(name, kwargs=...)` on every worker 
 receive_weights); `self` is then the worker, so `self.model_runner.model` is the live model. Received tensors go
 through the model's own `load_weights` (HF names; it fuses q/k/v and gate/up and skips a tied lm_head), one bucket
 at a time, so the extra GPU memory is one bucket. The synchronisation (learner blocks until every engine joins;
-engines join between generation batches) is described in resetrl/weights.py.
+engines join between generation batches) is described in resetrl/weights/nccl.py.
 
 One rank per engine: with tensor parallelism every worker would need a rank of its own (rank + its TP rank) and the
 learner a bigger group; resetrl runs vLLM with tensor parallel size 1.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from resetrl.weight_buckets import TensorSpec, open_group, open_store, receive_buckets
+from resetrl.weights.buckets import TensorSpec, open_group, open_store, receive_buckets
 
 EXTENSION = f"{__name__}.WeightSyncWorkerExtension"
 

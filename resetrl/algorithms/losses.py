@@ -10,6 +10,14 @@ Aggregation (how per-token losses become one scalar), chosen by AlgorithmConfig.
 - "seq_mean_token_sum": Dr.GRPO (arXiv 2503.20783, section 3.2): per sequence, sum over its trained tokens divided
   by a constant `norm_length` (the generation budget, rollout.max_new_tokens), then the mean over sequences. The
   constant removes GRPO's 1/|o_i| length bias without making the loss scale with the batch's longest answer.
+- "seq_mean_token_mean": per sequence, the mean over its trained tokens; then the mean over the sequences that have
+  at least one trained token (GRPO's original 1/G sum_i 1/|o_i| sum_t, arXiv 2402.03300 eq. 3; verl's
+  "seq-mean-token-mean"; the RRPO/SRPO reference loss, docs/algorithms.md). A sequence with no trained token (a
+  supervised row, an empty continuation) neither adds to nor dilutes the mean. (The reference divides by every
+  sequence of its micro-batch, trained or not; the two agree whenever each sequence has a trained token.)
+
+`aggregation_count` gives the count an aggregation divides by, so a caller that splits a batch into micro-batches
+can weight each micro-batch's loss by its share of the whole batch's count.
 """
 
 from __future__ import annotations
@@ -19,7 +27,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_sum")
+from resetrl.registry import Registry
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+
+# name -> policy loss with the signature of ppo_clip_loss
+POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, float]]]] = Registry(
+    "policy loss", "algorithm.policy_loss"
+)
 
 # exp() of a log-ratio beyond this overflows float32 gradients to inf/NaN even where the loss clips it away;
 # the same guard as verl's core_algos (clamp of the log-ratio to [-20, 20]).
@@ -53,6 +68,25 @@ def aggregate(per_token: Tensor, loss_mask: Tensor, aggregation: str = "token_me
         if not norm_length:
             raise ValueError("seq_mean_token_sum needs norm_length, the constant generation budget (max_new_tokens)")
         return (masked.sum(dim=-1) / norm_length).mean()
+    if aggregation == "seq_mean_token_mean":
+        tokens = mask.sum(dim=-1)
+        trained = tokens > 0
+        per_sequence = masked.sum(dim=-1) / tokens.clamp(min=1)
+        return per_sequence.sum() / trained.sum().clamp(min=1)
+    raise ValueError(f"unknown loss aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregation_count(loss_mask: Tensor, aggregation: str = "token_mean") -> int:
+    """What `aggregate` divides by for this mask: trained tokens (token_mean), sequences (seq_mean_token_sum) or
+    sequences with at least one trained token (seq_mean_token_mean). A batch split into micro-batches gets the
+    whole batch's aggregate by weighting each micro-batch's loss with count(micro-batch) / count(batch)."""
+    mask = loss_mask > 0
+    if aggregation == "token_mean":
+        return int(mask.sum())
+    if aggregation == "seq_mean_token_sum":
+        return int(mask.shape[0])
+    if aggregation == "seq_mean_token_mean":
+        return int(mask.any(dim=-1).sum())
     raise ValueError(f"unknown loss aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
 
 
@@ -63,6 +97,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> float:
     return float(values.detach()[mask].float().mean())
 
 
+@POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,
@@ -131,6 +166,7 @@ def k3_kl(
     return aggregate(per_token, loss_mask, aggregation, norm_length)
 
 
+@POLICY_LOSSES.register("pg")
 def pg_loss(
     logprobs: Tensor,
     behaviour_logprobs: Tensor,
@@ -140,13 +176,21 @@ def pg_loss(
     norm_length: int | None = None,
     **_,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Unclipped policy gradient, the default loss of the RRPO/SRPO reference code (arXiv 2605.25507), per token:
+    """Unclipped importance-weighted policy gradient. Per token (the log-ratio clamped to [-20, 20]):
 
-        l = -A * rho,   rho = exp(logp - logp_behaviour)
+        l_t = -A_t * rho_t,   rho_t = exp(logp_t - logp_behaviour_t)
 
-    d l / d theta = -A * rho * grad logp, which at rho = 1 (on-policy) is exactly REINFORCE's -A * grad logp; off
-    policy, rho is the importance weight. Nothing is clipped, so a stale or diverging token is not held back: the
-    clipped ppo_clip_loss is the stabler choice (ALGORITHMS.md).
+    then reduced over loss_mask by `aggregation` (module docstring). Its gradient is -A_t * rho_t * grad logp_t: at
+    rho = 1 (on-policy) REINFORCE's -A_t * grad logp_t; off-policy, rho is the importance weight. Nothing is clipped,
+    so a stale or diverging token is not held back: the clipped ppo_clip_loss is the stabler choice
+    (docs/algorithms.md).
+
+    With aggregation="seq_mean_token_mean" and one advantage A_i per sequence (constant over its trained tokens),
+    the loss is -mean_i[A_i * mean_{t in suffix_i} rho_t], over the sequences with at least one trained token.
+    The RRPO/SRPO reference code's default loss (arXiv 2605.25507; its `srpo` loss) is
+    -mean_i[A_i * mean_{t in suffix_i} logp_t]: log pi, not the ratio, and no behaviour log-probs. The two have
+    the same gradient at rho = 1; the loss *values* differ (ours is -mean_i A_i there). Off-policy they differ:
+    the reference ignores staleness, this loss corrects for it.
 
     Same arguments, aggregation and statistics keys as ppo_clip_loss, so the learner can swap them by name; clip
     arguments (clip_eps_low, clip_eps_high, dual_clip) are accepted and ignored, and the clip fractions are 0.
@@ -176,10 +220,3 @@ def supervised_loss(logprobs: Tensor, weights: Tensor, loss_mask: Tensor) -> Ten
     Tensors are [B, T-1] and next-token aligned like the policy losses.
     """
     return aggregate(-weights * logprobs, loss_mask, "token_mean")
-
-
-# name -> policy loss with the signature of ppo_clip_loss
-POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
-    "ppo_clip": ppo_clip_loss,
-    "pg": pg_loss,
-}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from resetrl.algorithms.correction import rollout_correction
 from resetrl.algorithms.losses import POLICY_LOSSES, k3_kl, supervised_loss
 
 
@@ -32,6 +33,9 @@ class LossSettings:
     aggregation: str = "token_mean"
     norm_length: int | None = None  # the generation budget, for seq_mean_token_sum
     kl_coef: float = 0.0
+    is_correction: str = "none"  # none, tis or mis (resetrl/algorithms/correction.py)
+    is_level: str = "token"  # token or sequence
+    is_cap: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,25 @@ def micro_batch_loss(
     sft_mask: Tensor,
     ref_logprobs: Tensor | None = None,
     weights: tuple = (1.0, 0.0, 0.0),
+    old_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """This micro-batch's part of the step loss, and its parts of the step's statistics (to be summed over the
-    step's micro-batches). Per-token tensors are [B, T-1] and next-token aligned (resetrl/algorithms/losses.py)."""
+    step's micro-batches, except logp_mismatch_max: the step's is their maximum). Per-token tensors are [B, T-1]
+    and next-token aligned (resetrl/algorithms/losses.py). old_logprobs: the learner's own log-probs from a no-grad
+    forward before the step (learner.recompute_old_logprobs), else None."""
     w_pg, w_sft, regulariser = weights
+    # The learner's pi_old: recomputed, or this forward's own log-probs, detached: the step's one optimizer update
+    # comes after every micro-batch's forward, so these weights are still the pre-step ones (docs/algorithms.md).
+    learner_old = logprobs.detach() if old_logprobs is None else old_logprobs
+    correction = rollout_correction(learner_old, behaviour_logprobs, loss_mask, settings.is_correction,
+                                    settings.is_level, settings.is_cap)
+    # With a correction or a recomputed pi_old, the PPO ratio is pi_theta / pi_learner_old and the IS weight carries
+    # pi_learner_old / pi_rollout (decoupled PPO); otherwise the ratio is against the rollout's log-probs.
+    proximal = behaviour_logprobs if old_logprobs is None and settings.is_correction == "none" else learner_old
+    # The weight scales each token's policy loss through its advantage: every registered policy loss is positively
+    # homogeneous in A per token, l(w A) = w l(A) for w >= 0 (tests/test_correction.py checks each one).
     pg_loss, stats = POLICY_LOSSES[settings.policy_loss](
-        logprobs, behaviour_logprobs, advantages, loss_mask,
+        logprobs, proximal, advantages * correction.weights, loss_mask,
         clip_eps_low=settings.clip_eps_low, clip_eps_high=settings.clip_eps_high, dual_clip=settings.dual_clip,
         aggregation=settings.aggregation, norm_length=settings.norm_length,
     )
@@ -78,4 +95,7 @@ def micro_batch_loss(
     }
     for name in ("clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl"):
         parts[name] = stats[name] * shares.pg_tokens
+    for name in ("logp_mismatch_mean", "is_weight_mean", "is_truncated_fraction", "is_masked_fraction"):
+        parts[name] = correction.stats[name] * shares.pg_tokens
+    parts["logp_mismatch_max"] = correction.stats["logp_mismatch_max"]
     return loss, parts

@@ -1,4 +1,5 @@
-"""Step checkers: where a reasoning trace first goes wrong, when every step can be checked (BENCHMARKS.md, "Synthetic").
+"""Step checkers: where a reasoning trace first goes wrong, when every step can be checked (docs/benchmarks.md,
+"Synthetic testbed").
 
 A step checker is a pure function `first_wrong_step(steps: list[str], prompt) -> int | None`: `steps` are the
 trace's step texts in order (as the reset rollout splits a parent: one step per element, delimiter removed),
@@ -6,7 +7,7 @@ trace's step texts in order (as the reset rollout splits a parent: one step per 
 step, or None when every step it sees checks out (e.g. a trace cut off before its answer). Knowing the true first
 wrong step gives the oracle reset (algorithm.name=oracle) and a way to score SRPO's self-localisation.
 Register one with `@register("name")`, look it up with `get_step_checker(name)` (algorithm.reset.step_checker).
-No Ray, Redis or DeepSpeed here (STYLE.md).
+No Ray, Redis or DeepSpeed here: pure functions.
 """
 
 from __future__ import annotations
@@ -14,34 +15,14 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from resetrl.registry import Registry
+
 StepChecker = Callable[[list[str], Any], "int | None"]
 
-_STEP_CHECKERS: dict[str, StepChecker] = {}
-
-
-def register(name: str) -> Callable[[StepChecker], StepChecker]:
-    """Decorator: make `fn` available as `get_step_checker(name)`."""
-
-    def decorator(fn: StepChecker) -> StepChecker:
-        if name in _STEP_CHECKERS and _STEP_CHECKERS[name] is not fn:
-            raise ValueError(f"step checker '{name}' is already registered (by {_STEP_CHECKERS[name].__module__})")
-        _STEP_CHECKERS[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_step_checker(name: str) -> StepChecker:
-    try:
-        return _STEP_CHECKERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown step checker '{name}' (algorithm.reset.step_checker); registered: {', '.join(registered())}"
-        ) from None
-
-
-def registered() -> list[str]:
-    return sorted(_STEP_CHECKERS)
+STEP_CHECKERS: Registry[StepChecker] = Registry("step checker", "algorithm.reset.step_checker")
+register = STEP_CHECKERS.register  # @register("name") makes a function available as get_step_checker("name")
+get_step_checker = STEP_CHECKERS.get
+registered = STEP_CHECKERS.names
 
 
 _INT = r"[+-]?\d+"
@@ -121,3 +102,10 @@ def arithmetic_lines(steps: list[str], prompt) -> int | None:
         equations += 1
         last_result = c
     return None
+
+
+# The chain testbed's checker lives with its task (bench/synthetic_testbed.py); registered here so the name is known
+# wherever step checkers are looked up.
+from resetrl.testbed.chain_task import chain_lines  # noqa: E402
+
+register("chain_lines", chain_lines)

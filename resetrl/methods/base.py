@@ -21,6 +21,8 @@ options become a config section, validated like every other.
 
 from __future__ import annotations
 
+import hashlib
+import random
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +45,13 @@ class OptionsSection(BaseModel):
 
 def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
+
+
+def entry_rng(ctx: "RolloutContext", group_id: str) -> random.Random:
+    """A method's random draws for one prompt entry (SRL's instances, RRPO's reset steps), seeded by the run's seed
+    and the entry's group id: a prompt entry processed twice draws the same, whichever worker processes it."""
+    digest = hashlib.sha256(f"{ctx.cfg.seed}:{group_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 class Method:

@@ -1,6 +1,6 @@
 """Self-repair: supervision internalization (IOP, arXiv 2605.05226; docs/algorithms.md, "Self-repair").
 
-G samples per prompt train as a GRPO group (method "grpo"). Up to `repair.repairs_per_prompt` failed samples of
+G samples per prompt train as a GRPO group (records of the GRPO method). Up to `repair.repairs_per_prompt` failed samples of
 each prompt go back to the policy with a repair prompt (problem + the failed attempt + a correct sibling when
 one exists); all repairs of the batch are one engine call. A repair the verifier accepts becomes a positive
 sample for the *original* prompt (method "repair", a supervised record: weighted NLL, since it was sampled under

@@ -157,7 +157,9 @@ def reset_rollout(method: ResetMethod, ctx: RolloutContext, prompts: list[Prompt
     points = _reset_points(method, ctx, with_parent)
     # A continuation gets what is left of the response budget after its prefix, as a fresh sample would have.
     budgets = [max(1, ctx.sampling.max_new_tokens - (len(p.context_ids) - len(p.state.prompt_ids))) for p in points]
-    continuations = ctx.generate([p.context_ids for p in points], reset_cfg.g2_size, budgets=budgets) if points else []
+    # In thought-by-thought mode the prefix's steps count towards rollout.max_thoughts, as in the reference.
+    continuations = ctx.generate([p.context_ids for p in points], reset_cfg.g2_size, budgets=budgets,
+                                 prior_thoughts=[p.step - 1 for p in points]) if points else []
 
     records: list[ExperienceRecord] = []
     for state in fallback:

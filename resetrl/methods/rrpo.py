@@ -4,7 +4,7 @@ a uniformly random step k and resample G2 continuations from prompt + steps 1..k
 from __future__ import annotations
 
 from resetrl.algorithms.resets import random_reset_step
-from resetrl.methods.base import register_method
+from resetrl.methods.base import entry_rng, register_method
 from resetrl.methods.reset_rollout import ResetMethod
 
 
@@ -16,5 +16,8 @@ class RRPO(ResetMethod):
 
     def choose_steps(self, ctx, parents, first_wrong):
         resets = ctx.cfg.algorithm.reset.resets_per_parent
-        return [[(random_reset_step(len(steps), ctx.rng), None) for _ in range(resets)]
-                for _state, _parent, _starts, steps in parents]
+        picks = []
+        for state, _parent, _starts, steps in parents:
+            rng = entry_rng(ctx, state.group_id)  # the same steps whichever worker processes the entry
+            picks.append([(random_reset_step(len(steps), rng), None) for _ in range(resets)])
+        return picks

@@ -24,7 +24,7 @@ from resetrl.actors.trajectories import (
 from resetrl.algorithms.shaping import group_has_signal
 from resetrl.algorithms.srl import MALFORMED_REWARD, srl_instances, srl_prompt, step_similarity_reward
 from resetrl.data import render_text
-from resetrl.methods.base import Method, OptionsSection, ratio, register_method
+from resetrl.methods.base import Method, OptionsSection, entry_rng, ratio, register_method
 from resetrl.methods.grpo import grpo_records, outcome_groups
 from resetrl.record import ExperienceRecord, PromptRecord
 
@@ -88,7 +88,9 @@ def srl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids: lis
         if not instances:
             without_expert.append((prompt, group_id, ids))
             continue
-        chosen = sorted(ctx.rng.sample(instances, min(srl.instances_per_prompt, len(instances))), key=lambda i: i.step)
+        # Drawn per prompt entry: a second processing of the entry draws the same instances (the same group ids).
+        draw = entry_rng(ctx, group_id).sample(instances, min(srl.instances_per_prompt, len(instances)))
+        chosen = sorted(draw, key=lambda i: i.step)
         for instance in chosen:
             message = srl_prompt(prompt.question, instance.previous_steps)
             drawn.append((prompt, group_id, instance, render_text(ctx.tokenizer, ctx.cfg.data, message)))

@@ -70,7 +70,9 @@ def vineppo_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids:
         for end in ends[:-1]:
             contexts.append(ids + list(completion.token_ids[: starts[end]]))
             owners.append((s, starts[end]))
-    continuations = ctx.generate(contexts, options.k) if contexts else []
+    # A continuation gets what is left of the response budget after its prefix, as the sample itself had.
+    budgets = [max(1, ctx.sampling.max_new_tokens - prefix_length) for _s, prefix_length in owners]
+    continuations = ctx.generate(contexts, options.k, budgets=budgets) if contexts else []
     values: list[list[list[float]]] = [[] for _ in samples]
     for (s, prefix_length), outputs in zip(owners, continuations):
         prompt, completion = samples[s][0], samples[s][4]

@@ -125,9 +125,11 @@ def test_bad_experience_entries_are_dead_lettered_and_the_step_trains_on_the_goo
         )
         for i in range(2)
     ]
-    out_of_vocab = ExperienceRecord(**{**good[0].__dict__, "record_id": "bad-ids",
+    # The bad entries are other prompts' records: a dead-lettered record settles its prompt in the ledger.
+    bad = ExperienceRecord(**{**good[0].__dict__, "record_id": "bad", "prompt_id": "p-bad", "group_id": "g-bad"})
+    out_of_vocab = ExperienceRecord(**{**bad.__dict__, "record_id": "bad-ids",
                                        "token_ids": np.array([1, 2, 3, 4, 5, 10**8], dtype=np.int32)})
-    queue.put_many([b"garbage", wrong_version(encode_experience(good[0])), encode_experience(out_of_vocab),
+    queue.put_many([b"garbage", wrong_version(encode_experience(bad)), encode_experience(out_of_vocab),
                     *(encode_experience(r) for r in good)])
     metrics = learner.train_step(timeout_s=60)
     assert metrics["samples_trained"] == 2 and np.isfinite(metrics["loss"])
@@ -135,4 +137,54 @@ def test_bad_experience_entries_are_dead_lettered_and_the_step_trains_on_the_goo
     assert len(dead) == 3 and "outside the vocabulary" in dead[2]["reason"]
     assert read_stats(redis_client, keys)["records_rejected"] == 3
     assert queue.depth() == 0 and queue.pending_count() == 0
+    learner.close()
+
+
+def poisoned(payload: bytes, **changes) -> bytes:
+    """A decodable record with ill-typed or non-finite fields (fields as the msgpack map holds them)."""
+    message = msgpack.unpackb(payload, raw=False)
+    message["fields"].update(changes.pop("fields", {}))
+    for name, array in changes.items():
+        message["tensors"][name]["data"] = array.astype("<f4").tobytes()
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def test_a_poison_record_is_dead_lettered_with_its_reason_and_the_learner_carries_on(
+    redis_server, redis_client, tiny_path, tmp_path
+):
+    # Before issue 13, policy_version "7" passed the learner's checks and raised TypeError in its staleness check:
+    # the entry stayed pending and crashed the learner again on every --resume.
+    cfg = config("poison-experience")
+    keys = RunKeys(cfg.run_name)
+    learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
+    queue = StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
+    good = [
+        ExperienceRecord(
+            record_id=f"r{i}", prompt_id="p", group_id="g", method="grpo", policy_version=0,
+            token_ids=np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), prompt_length=3,
+            loss_mask=np.array([0, 0, 0, 1, 1, 1], dtype=np.uint8),
+            advantages=np.array([0, 0, 0, 1, 1, 1], dtype=np.float32) * (1 if i else -1),
+            behaviour_logprobs=np.array([0, 0, 0, -10, -10, -10], dtype=np.float32), reward=float(i), temperature=1.0,
+        )
+        for i in range(2)
+    ]
+    # Another prompt's record: a dead-lettered record settles its prompt in the ledger.
+    template = encode_experience(ExperienceRecord(**{**good[0].__dict__, "record_id": "poison",
+                                                     "prompt_id": "p-poison", "group_id": "g-poison"}))
+    queue.put_many([
+        poisoned(template, fields={"policy_version": "7"}),
+        poisoned(template, advantages=np.array([0, 0, 0, np.nan, 1, 1])),
+        poisoned(template, fields={"step_boundaries": [3, 99]}),
+        *(encode_experience(r) for r in good),
+    ])
+    metrics = learner.train_step(timeout_s=60)
+    assert metrics["samples_trained"] == 2 and np.isfinite(metrics["loss"])
+    reasons = [d["reason"] for d in queue.dead_letters()]
+    assert reasons == [
+        "record 'poison': field 'policy_version' must be a non-negative integer, got str '7'",
+        "record 'poison': advantages holds 1 non-finite values (first at token 3: nan)",
+        "record 'poison': step_boundaries [3, 99] must increase and lie in [prompt_length, length) = [3, 6)",
+    ]
+    assert read_stats(redis_client, keys)["records_rejected"] == 3
+    assert queue.depth() == 0 and queue.pending_count() == 0  # acknowledged: never read again, on resume neither
     learner.close()

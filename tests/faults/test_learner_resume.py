@@ -3,7 +3,7 @@
 A learner that stops between checkpoints is replaced by one that resumes from the newest checkpoint: it has the
 checkpoint's policy version, weights and optimizer state, replays the entries trained after the checkpoint (never
 acknowledged), and retraining them gives bit-identical weights to the first learner's. A record already trained
-is not trained twice. The CLI-level kill (SIGKILL of the learner process, then `resetrl train --resume`) is in
+is not trained twice: the second copy is dead-lettered, and the ledger has every prompt trained once. The CLI-level kill (SIGKILL of the learner process, then `resetrl train --resume`) is in
 test_kill_and_resume.py.
 """
 
@@ -17,7 +17,7 @@ from resetrl.learner.checkpoint import latest_checkpoint
 from resetrl.learner.learner import Learner
 from resetrl.queue import StreamQueue
 from resetrl.record import ExperienceRecord, encode_experience
-from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, read_stats
+from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, ledger_summary, read_stats
 
 VOCAB, PROMPT_LEN, RESPONSE_LEN = 300, 4, 8
 
@@ -87,9 +87,12 @@ def test_resume_continues_exactly_and_never_trains_a_record_twice(redis_server, 
 
     assert second.train_step(timeout_s=1) is None  # reads the second copy of s1-r0: dropped, not trained
     accounting = second.finish()  # final checkpoint at step 3, everything acked
-    assert accounting["duplicates_trained"] == 0 and accounting["duplicates_dropped"] == 1
-    assert accounting["records_trained"] == 12 and accounting["resumed_from_step"] == 2
-    assert len(accounting["trained_prompt_ids"]) == 6
+    assert accounting["trained_twice"] == 0 and accounting["duplicates_dropped"] == 1
+    assert accounting["records_trained"] == 4 and accounting["resumed_from_step"] == 2  # this process: step 3
+    ledger = ledger_summary(redis_client, RunKeys("r"))  # 6 prompts, each trained once in the model's history
+    assert (ledger["trained"], ledger["trained_twice"], ledger["second_attempts"]) == (6, 0, 0)
+    [dead] = experience.dead_letters()
+    assert dead["reason"].startswith("duplicate: a second copy of record s1-r0")
     stats = read_stats(redis_client, RunKeys("r"))
     assert stats["samples_trained"] == 12 and stats["learner_steps"] == 3 and stats["records_duplicate"] == 1
     assert experience.depth() == 0 and experience.pending_count() == 0

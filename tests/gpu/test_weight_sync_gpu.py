@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from resetrl.redis_server import free_port
-from resetrl.weight_buckets import (
+from resetrl.net import free_port
+from resetrl.weights.buckets import (
     bucket_nbytes, broadcast_bucket, open_group, open_store, pack_bucket, plan_buckets, unpack_bucket,
 )
 
@@ -109,13 +109,13 @@ def _engine_process(kind, model_dir, redis_url, run_name, result_queue):
     """Engine rank 1 on the second GPU (CUDA_VISIBLE_DEVICES set by the parent): sync until it holds v1."""
     from resetrl.actors.engines import SamplingSettings, make_engine
     from resetrl.queue import connect
+    from resetrl.actors.engines.weight_receivers import NcclWeightReceiver
     from resetrl.run_state import RunKeys
-    from resetrl.weights import NcclWeightChannel
 
     engine = make_engine(kind, model_dir, dtype="float32", gpu_memory_utilization=0.3)
     greedy = SamplingSettings(max_new_tokens=8, temperature=0.0)
     before = [s[0].token_ids for s in engine.generate(PROMPTS, 1, greedy)]
-    channel = NcclWeightChannel(connect(redis_url), RunKeys(run_name), rank=1, world_size=2, join_timeout_s=120)
+    channel = NcclWeightReceiver(connect(redis_url), RunKeys(run_name), rank=1, world_size=2, join_timeout_s=120)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         latest = channel.latest()
@@ -190,6 +190,7 @@ def test_zero3_learner_gathers_bucket_by_bucket_into_an_engine(tiny_dir, tmp_pat
 
     from resetrl.actors.engines import SamplingSettings
     from resetrl.actors.engines.hf_engine import HFEngine
+    from resetrl.actors.engines.weight_receivers import NcclWeightReceiver
     from resetrl.queue import connect
     from resetrl.redis_server import EmbeddedRedis
     from resetrl.run_state import RunKeys, read_stats
@@ -214,7 +215,7 @@ def test_zero3_learner_gathers_bucket_by_bucket_into_an_engine(tiny_dir, tmp_pat
         keys = RunKeys("zero3")
         sender = NcclWeightChannel(client, keys, rank=0, world_size=2, bucket_bytes=64 * 1024, join_timeout_s=60,
                                    backend="gloo", host="127.0.0.1")
-        receiver = NcclWeightChannel(connect(server.url), keys, rank=1, world_size=2, join_timeout_s=60)
+        receiver = NcclWeightReceiver(connect(server.url), keys, rank=1, world_size=2, join_timeout_s=60)
 
         def engine_side():
             deadline = time.monotonic() + 60

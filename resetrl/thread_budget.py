@@ -1,0 +1,151 @@
+"""Cores that follow the work (docs/design.md, "CPU threads"): on a CPU-only host the learner's and the rollout
+workers' torch threads share the host's cores according to who is busy.
+
+Each role holds a lease in the run's Redis hash `<prefix>:cpu:<host>` while it works (field: the role, value:
+"<threads> <expiry unix time>") and sizes its own torch thread pool from the others' live leases:
+- a rollout worker runs its fixed share (rollout.torch_threads, else what its engine uses: vLLM fixes its threads
+  when it starts, the HF engine gets max(1, ceil(rollout.cpus_per_worker))). Generation is the short part of a step
+  that the next step waits for: it never waits for cores;
+- the learner takes the cores that busy rollout workers do not claim (at least one), re-read every REFRESH_S while
+  it trains, at micro-batch and decoder-layer boundaries, so a generation batch that starts mid-step has its cores
+  within about REFRESH_S. With the rollout idle (most of a step on the default job) the learner runs on every core.
+Oversubscribing cores is what must not happen: OpenMP threads spin at their barriers, and two pools sharing cores
+made training and generation 5-20x slower (measured, tests/conftest.py).
+
+An explicit learner.torch_threads / rollout.torch_threads fixes a role's threads; so do several learner ranks (each
+gets int(learner.cpus)). GPU hosts are left alone (Ray's OMP_NUM_THREADS from the actor's CPU share stays).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from resetrl.run_state import RunKeys
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 0.25  # how often a busy learner re-reads the leases
+LEASE_S = 600.0  # a lease left by a killed role stops counting after this long
+
+
+def host_cores() -> int:
+    """Cores this process may run on: its CPU affinity, bounded by a cgroup v2 CPU quota when there is one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def rollout_threads(torch_threads: int | None, cpus_per_worker: float) -> int:
+    """A rollout worker's HF-engine threads: rollout.torch_threads, else its Ray CPU share rounded up."""
+    return torch_threads or max(1, math.ceil(cpus_per_worker))
+
+
+def learner_threads(cores: int, rollout_claims: list[int]) -> int:
+    """The learner's share: the cores that busy rollout workers do not claim, at least one."""
+    return max(1, cores - sum(rollout_claims))
+
+
+class ThreadBudget:
+    """One role's torch threads on this host. A rollout worker holds a lease of its `fixed` threads while it
+    generates (`busy`); the learner, without `fixed`, re-sizes to the cores those leases leave (`refresh`)."""
+
+    def __init__(self, client, keys: RunKeys, role: str, *, cores: int, fixed: int | None = None,
+                 host: str | None = None):
+        self.client, self.role, self.cores, self.fixed = client, role, cores, fixed
+        self.key = f"{keys.prefix}:cpu:{host or socket.gethostname()}"
+        self.threads = self.initial = torch.get_num_threads()
+        self.used: set[int] = set()  # thread counts run with since take_used()
+        self._next_refresh = 0.0
+        if fixed is not None:
+            self._set(fixed)
+
+    # ---- leases ---------------------------------------------------------------------------------------------------
+    def _leases(self) -> dict[str, int]:
+        """Live leases of the other roles: role -> threads."""
+        now, live = time.time(), {}
+        for role, value in self.client.hgetall(self.key).items():
+            role = role.decode() if isinstance(role, bytes) else role
+            threads, expiry = (value.decode() if isinstance(value, bytes) else value).split()
+            if role != self.role and float(expiry) > now:
+                live[role] = int(threads)
+        return live
+
+    @contextmanager
+    def busy(self):
+        """Hold this role's lease (its current threads) while the block runs."""
+        self.refresh(force=True)
+        self.client.hset(self.key, self.role, f"{self.threads} {time.time() + LEASE_S}")
+        try:
+            yield self
+        finally:
+            self.client.hdel(self.key, self.role)
+
+    # ---- threads --------------------------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> int:
+        """Re-size this role's thread pool from the others' leases (at most every REFRESH_S unless forced)."""
+        if self.fixed is not None:
+            self.used.add(torch.get_num_threads())
+            return torch.get_num_threads()
+        now = time.monotonic()
+        if force or now >= self._next_refresh:
+            self._next_refresh = now + REFRESH_S
+            try:
+                leases = self._leases()
+            except Exception as exc:  # Redis away for a moment: keep the threads as they are, never stop training
+                log.warning("thread budget: leases unreadable (%s); keeping %d threads", exc, self.threads)
+                return self.threads
+            claims = [threads for role, threads in leases.items() if role.startswith("rollout")]
+            wanted = learner_threads(self.cores, claims)
+            if wanted != self.threads:
+                self._set(wanted)
+        self.used.add(torch.get_num_threads())
+        return self.threads
+
+    def _set(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.threads = threads
+
+    def restore(self) -> None:
+        """Back to the threads the process had before this budget."""
+        self._set(self.initial)
+
+    def take_used(self) -> list[int]:
+        """The thread counts measured (torch.get_num_threads) since the last call, ascending."""
+        used, self.used = sorted(self.used), set()
+        return used
+
+    def refresh_in_layers(self, model: torch.nn.Module) -> None:
+        """Also re-size as each decoder layer's forward starts and as its backward starts (a hook on its output's
+        gradient: safe under ZeRO-3 and gradient checkpointing), so a long micro-batch reacts within about
+        REFRESH_S to a rollout batch that starts."""
+        if self.fixed is not None:
+            return
+
+        def on_start(*_):
+            self.refresh()
+
+        def on_gradient(_grad):
+            self.refresh()
+
+        def on_output(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(on_gradient)
+
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.register_forward_pre_hook(on_start)
+                module.register_forward_hook(on_output)
