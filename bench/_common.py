@@ -1,6 +1,6 @@
 """What every bench/ script shares: one-thread torch, config loading, repeat statistics, and the results folder.
 
-Rules (/work/shared/BENCHMARKS.md): a figure is a ratio against a baseline measured in the same run (baseline and
+Rules (docs/benchmarks.md): a figure is a ratio against a baseline measured in the same run (baseline and
 system interleaved, alternating which goes first), reported as median and min/max over >= 3 repeats, with the
 absolute numbers and the machine. Each script prints one JSON object and writes it, plus a PNG, to
 bench/results/<name>/.

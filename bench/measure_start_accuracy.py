@@ -1,6 +1,6 @@
 """Starting accuracy of a model on reasoning-gym task settings, per prompt template, sampled with vLLM.
 
-For a preset, GRPO needs a starting accuracy of roughly 10-40% (BENCHMARKS.md, "Algorithm comparison"): at 0% every
+For a preset, GRPO needs a starting accuracy of roughly 10-40% (docs/benchmarks.md, section 6): at 0% every
 group has zero advantage, near 100% there is nothing to learn. For each (temperature, task setting, template) this
 samples `--samples` answers to each of `--problems` problems, scores them with the "math" and "reasoning_gym"
 verifiers, and prints one JSON object: accuracy, pass@k, the fraction of samples cut by the token limit, mean

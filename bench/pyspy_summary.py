@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])  # frames under the checkout are shown relative to it
 
 _FRAME = re.compile(r"^(?P<func>[^ ]+) \((?P<file>[^:)]+)(?::\d+)?\)$")
 
@@ -22,7 +25,7 @@ def frame_name(frame: str) -> str:
     if not match:
         return frame.strip()
     path = match.group("file")
-    for marker in ("site-packages/", "/work/main/"):
+    for marker in ("site-packages/", f"{REPO_ROOT}/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{path}:{match.group('func')}"

@@ -190,7 +190,7 @@ def main() -> None:
         "table": compare_methods(runs),
         "runs": {m: {s: _run_row(runs[m][s]) for s in args.seeds} for m in args.methods},
     }
-    write(out, "summary", result, plot_curves(runs, args.token_budget, report["sft"]["accuracy"]))
+    write(out, "summary", result, plot_curves(runs, result["table"], args.token_budget, report["sft"]["accuracy"]))
     print_table(result["table"])
 
 
@@ -224,12 +224,12 @@ def lr_sweep(args, folder: Path, report: dict, out: Path, load_start: list[float
     print(f"best GRPO learning rate: {best} (rerun with --lr {best})", file=sys.stderr)
 
 
-def plot_curves(runs: dict, budget: int, sft_accuracy: float):
+def plot_curves(runs: dict, table: dict, budget: int, sft_accuracy: float):
     import matplotlib.pyplot as plt
 
     from resetrl.testbed.compare import curve_band, eval_points
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]})
     for method, by_seed in runs.items():
         curves = [eval_points(s) for s in by_seed.values()]
         longest = max(p.seconds for c in curves for p in c)
@@ -245,6 +245,14 @@ def plot_curves(runs: dict, budget: int, sft_accuracy: float):
         ax.legend(fontsize=8)
     axes[0].set_title("chain testbed: accuracy vs generated tokens (95% bootstrap band)")
     axes[1].set_title("accuracy vs wall time")
+    gains = {m: row["accuracy_gain_vs_grpo"] for m, row in table.items() if m != "grpo"}
+    means = [g["mean"] for g in gains.values()]
+    low = [g["mean"] - (g["ci95_low"] if g["ci95_low"] is not None else g["mean"]) for g in gains.values()]
+    high = [(g["ci95_high"] if g["ci95_high"] is not None else g["mean"]) - g["mean"] for g in gains.values()]
+    axes[2].bar(list(gains), means, yerr=[low, high], capsize=6, color="#4C72B0")
+    axes[2].axhline(0, color="gray", linewidth=0.8)
+    axes[2].set_ylabel("accuracy at budget minus GRPO's (paired by seed)")
+    axes[2].set_title("gain over GRPO, mean and 95% CI")
     return fig
 
 
@@ -272,7 +280,7 @@ def write(out: Path, name: str, result: dict, figure) -> None:
 
 def print_table(table: dict) -> None:
     def show(block: dict) -> str:
-        return f"{block['median']} [{block['ci95_low']}, {block['ci95_high']}]"
+        return f"{block[block['ci_of']]} [{block['ci95_low']}, {block['ci95_high']}]"
 
     print("\nmethod   tokens_to_grpo_best (median [95% CI])   accuracy_at_budget (mean [CI])   gain_vs_grpo   "
           "loc_acc  g2_success", file=sys.stderr)

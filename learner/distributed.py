@@ -45,6 +45,11 @@ def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str | None
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0")
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
+    if world_size == 1:
+        # One rank needs no rendezvous: an in-process store instead of a TCPStore, which would listen on every
+        # interface (README, "Security"); DeepSpeed adopts the group.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=COLLECTIVE_TIMEOUT)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False, timeout=COLLECTIVE_TIMEOUT)
 

@@ -116,6 +116,11 @@ class LearnerGroup:
         """The final weights as safetensors bytes (RUN_DIR/final), from rank 0; collective under ZeRO-3."""
         return _AllRanks(self.ranks, "export_weights")
 
+    @property
+    def export_adapter(self) -> _AllRanks:
+        """learner.lora: the adapter's peft files (RUN_DIR/final/adapter), from rank 0; collective under ZeRO-3."""
+        return _AllRanks(self.ranks, "export_adapter")
+
     def kill(self) -> None:
         """End every rank's process now (Ctrl-C, a failed run); unacked experience stays pending in Redis."""
         for rank in self.ranks:

@@ -7,12 +7,12 @@ Several ranks (learner.world_size > 1): one torch.distributed group, DeepSpeed d
 alone speaks to the experience stream: it reads, dedupes, drops stale records, acks, and keeps the Redis-side
 bookkeeping and counters. Each step it broadcasts the batch's wire-format payloads, the msgpack bytes exactly as
 read from the stream, as a uint8 tensor plus a lengths tensor (no pickling: docs/design.md), and every other rank
-decodes them with decode_experience. So every rank holds the whole batch and trains on its contiguous shard of
-records_per_step / world_size records. The loss is normalised by the whole batch's token (or sequence) counts,
-which every rank computes from the whole batch, and scaled by world_size, because DeepSpeed averages the ranks'
-gradients: the applied gradient is then the one-rank gradient of the same batch. Rank 0 alone publishes weights
-(with ZeRO-3 every rank joins the parameter gather) and writes the learner's own checkpoint files; DeepSpeed's
-checkpoint is written and read by every rank.
+decodes them with decode_experience. So every rank holds the whole batch and trains on its share of whole prompts
+(learner/packing.py: a prompt's records never straddle ranks). The loss is normalised by the whole batch's token
+(or sequence) counts, which every rank computes from the whole batch, and scaled by world_size, because DeepSpeed
+averages the ranks' gradients: the applied gradient is then the one-rank gradient of the same batch. Rank 0 alone
+publishes weights (with ZeRO-3 every rank joins the parameter gather) and writes the learner's own checkpoint
+files; DeepSpeed's checkpoint is written and read by every rank.
 
 Reliability (docs/design.md): an experience entry is acknowledged only after the optimizer step that used it and the
 publication of the resulting weights, so a learner that dies mid-step replays its entries on restart (it first
@@ -38,8 +38,9 @@ from resetrl.learner.batching import trained_tokens
 from resetrl.learner.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from resetrl.learner.distributed import broadcast_payloads, init_distributed
 from resetrl.learner.intake import ExperienceIntake
+from resetrl.learner.lora import LoraAdapter, adapter_shape, check_resumable
 from resetrl.learner.packing import (
-    Budget, PackedMicroBatch, attention_mask, idle_micro_batch, packed_logprobs, plan_micro_batches,
+    Budget, PackedMicroBatch, attention_cost, attention_mask, idle_micro_batch, packed_logprobs, plan_micro_batches,
 )
 from resetrl.queue import connect
 from resetrl.record import ExperienceRecord, decode_experience
@@ -110,7 +111,13 @@ class Learner:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
         }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        # learner.lora: the adapter is injected into `model` (after the KL reference was copied: that stays the base
+        # model) and only its parameters train (learner/lora.py).
+        self.lora = None
+        if cfg.learner.lora is not None:
+            self.lora = LoraAdapter(cfg.learner.lora, model, model_path, cfg.model.gradient_checkpointing)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self._forward_settings(model, cfg)
         # Parameters of the loss itself that the method trains beside the model (SuperRL's uncertainty weights
@@ -237,8 +244,17 @@ class Learner:
         # Hugging Face causal LMs take logits_to_keep (the LM head at those positions only); others get sliced after.
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         learner = cfg.learner
+        config = model.config
+        width = config.num_attention_heads * (getattr(config, "head_dim", None)
+                                              or config.hidden_size // config.num_attention_heads)
+        embeddings = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}
+        # ds_numel: a parameter's full size when ZeRO-3 has partitioned it away
+        size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+        body = sum(size(p) for p in model.parameters()) - sum(size(p) for p in embeddings.values())
         self.budget = Budget(max_tokens=learner.max_tokens_per_micro_batch,
-                             max_records=None if learner.max_tokens_per_micro_batch else learner.micro_batch_size)
+                             max_records=None if learner.max_tokens_per_micro_batch else learner.micro_batch_size,
+                             attention_cost=attention_cost(width, config.num_hidden_layers, body))
         self.threads = None  # GPU hosts: torch threads as Ray set them
         if not torch.cuda.is_available():
             fixed = learner.torch_threads or (max(1, int(learner.cpus)) if self.world_size > 1 else None)
@@ -337,7 +353,8 @@ class Learner:
         totals["loss_tokens"] = pg_tokens + sft_tokens
         # This rank's forward: micro-batches, tokens run (padding included), and the torch threads it ran with.
         totals["micro_batches"], totals["forward_tokens"] = len(batches), forward_tokens
-        totals["learner_threads"] = self.threads.take_used() if self.threads is not None else [torch.get_num_threads()]
+        used = self.threads.take_used() if self.threads is not None else [torch.get_num_threads()]
+        totals["learner_threads_min"], totals["learner_threads_max"] = min(used), max(used)
         totals["pg_weight"], totals["sft_weight"] = (float(torch.as_tensor(w).detach()) for w in weights[:2])
         if self.loss_parameters is not None:
             params = self.loss_parameters
@@ -404,6 +421,10 @@ class Learner:
     def _publish(self) -> None:
         # Every rank takes part in gathering ZeRO-3 partitions (the channel gathers all at once, or per bucket for
         # nccl); rank 0 alone sends.
+        if self.lora is not None:  # the adapter only (or, merge_for_sync, the merged weights): learner/lora.py
+            self.lora.publish(self.channel, self.engine.module, self.version, self.cfg.learner.zero_stage,
+                              send=self.rank == 0)
+            return
         self.channel.publish_module(self.engine.module, self.version, self.cfg.learner.zero_stage, send=self.rank == 0)
 
     # ------------------------------------------------------------------ the rest
@@ -425,6 +446,7 @@ class Learner:
         state = {
             "world_size": self.world_size,
             "policy_version": self.version,
+            "lora": adapter_shape(self.cfg.learner.lora),  # resumed only with the same adapter
             **self.intake.state(),  # the processings under way and the entries this checkpoint covers: bounded
             "counters": {name: read_stats(self.client, self.keys).get(name, 0) for name in _LEARNER_COUNTERS},
         }
@@ -453,9 +475,18 @@ class Learner:
 
     def export_weights(self) -> bytes | None:
         """The current weights as one safetensors file's bytes (rank 0; None on the others), whatever the weight
-        channel: the driver writes them into RUN_DIR/final. Collective under ZeRO-3."""
+        channel: the driver writes them into RUN_DIR/final. Collective under ZeRO-3. With learner.lora: merged."""
+        if self.lora is not None:
+            return self.lora.export_merged(self.version, self.cfg.learner.zero_stage, send=self.rank == 0)
         return self.channel.export_module(self.engine.module, self.version, self.cfg.learner.zero_stage,
                                           send=self.rank == 0)
+
+    def export_adapter(self) -> dict[str, bytes] | None:
+        """learner.lora: the adapter as a peft folder's files {name: bytes} (rank 0), for RUN_DIR/final/adapter;
+        None without LoRA and on the other ranks. Collective under ZeRO-3."""
+        if self.lora is None:
+            return None
+        return self.lora.export_adapter(self.cfg.learner.zero_stage, send=self.rank == 0)
 
     def _resume(self) -> None:
         """Load the newest checkpoint (if any) and publish its weights so the actors generate with them."""
@@ -472,6 +503,7 @@ class Learner:
                     restore_stats(self.client, self.keys, dict.fromkeys(_LEARNER_COUNTERS, 0))
                 self._publish()
             return
+        check_resumable(path, self.cfg.learner.lora)
         state = load_checkpoint(self.engine, path)
         self.version = self._checkpointed_version = self.resumed_from = int(state["policy_version"])
         if "log_sigma" in state and self.loss_parameters is not None:

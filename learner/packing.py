@@ -10,6 +10,13 @@
 4. Micro-batches: rows, longest first, filled greedily up to learner.max_tokens_per_micro_batch tokens counted with
    padding (rows x the longest row), or up to learner.micro_batch_size records when the budget is None. A row longer
    than the budget gets a micro-batch of its own; records are never split.
+5. Merging (with shared_prefix, given the model's attention cost): a micro-batch's rows are re-cut into fewer, longer
+   rows of whole prompts when that costs less. Prompts share more than their own records: every prompt of a chat
+   template starts with the same system turn and instructions (55 of the default job's 69 prompt tokens), which a
+   row holding several prompts computes once, and fewer rows pad less. Longer rows cost attention over every token
+   pair of the row (the block mask is dense to SDPA): a row of n tokens costs n + attention_cost x n^2 token
+   equivalents, attention_cost = a token pair's attention FLOPs / a token's other FLOPs (`attention_cost`), and
+   the number of rows with the least padded cost R x (L + attention_cost x L^2) wins.
 
 Only what the loss reads is computed: each sequence is cut after its last trained token's predecessor (a causal
 model's hidden state at t depends on tokens <= t only), a record with no trained token is not run at all, and the LM
@@ -38,6 +45,7 @@ class Budget:
 
     max_tokens: int | None = None
     max_records: int | None = None
+    attention_cost: float | None = None  # the model's attention_cost; None: no merging (a row per prompt)
 
     def fits(self, rows: int, longest: int, records: int) -> bool:
         return ((self.max_tokens is None or rows * longest <= self.max_tokens)
@@ -83,8 +91,8 @@ class PackedMicroBatch:
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
-        return PackedMicroBatch(**{f.name: getattr(self, f.name) if f.name == "records" else getattr(self, f.name).to(device)
-                                   for f in fields(self)})
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "records"}
+        return PackedMicroBatch(records=self.records, **moved)
 
 
 def forward_sequence(record: ExperienceRecord) -> tuple[np.ndarray, np.ndarray] | None:
@@ -162,6 +170,54 @@ def group_rows(rows: list[Row], budget: Budget) -> list[list[Row]]:
     return batches
 
 
+def attention_cost(attention_width: int, layers: int, body_parameters: int) -> float:
+    """A token pair's attention FLOPs over a token's other FLOPs, forward and backward alike: per layer a pair
+    costs 4 x attention_width (q.k and the weighted v), a token 2 x its parameters outside the embeddings."""
+    return 2 * attention_width * layers / max(body_parameters, 1)
+
+
+def merge_rows(rows: list[Row], budget: Budget) -> list[Row]:
+    """One micro-batch's rows re-cut into the number of rows of whole prompts (spread longest first over the
+    rows) whose padded cost R x (L + attention_cost x L^2) is least, within the token budget (module docstring)."""
+    if budget.attention_cost is None or len(rows) < 2:
+        return rows
+    alpha = budget.attention_cost
+
+    def cost(cut: list[Row]) -> float:
+        longest = max(row.length for row in cut)
+        return len(cut) * (longest + alpha * longest * longest)
+
+    best, best_cost = rows, cost(rows)
+    ordered = sorted(rows, key=lambda r: -r.length)
+    for count in range(1, len(rows)):
+        bins: list[list[Row]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for row in ordered:
+            target = min(range(count), key=lambda b: (loads[b], b))
+            bins[target].append(row)
+            loads[target] += row.length
+        merged = [_merge(b) for b in bins]
+        longest = max(row.length for row in merged)
+        if budget.max_tokens is not None and count * longest > budget.max_tokens:
+            continue
+        if cost(merged) < best_cost:
+            best, best_cost = merged, cost(merged)
+    return best
+
+
+def _merge(rows: list[Row]) -> Row:
+    if len(rows) == 1:
+        return rows[0]
+    records, runs, sequences, wanted = [], [], [], []
+    for row in rows:
+        runs += [len(records) + r for r in row.runs]
+        records += row.records
+        sequences += row.sequences
+        wanted += row.wanted
+    return Row(records=records, runs=runs, sequences=sequences, wanted=wanted,
+               length=trie_length(sequences) if sequences else 0)
+
+
 def plan_micro_batches(records: list[ExperienceRecord], *, shared_prefix: bool, budget: Budget,
                        world_size: int = 1, rank: int = 0, pad_token_id: int = 0) -> list[PackedMicroBatch]:
     """This rank's micro-batches of one step's records (module docstring)."""
@@ -169,7 +225,10 @@ def plan_micro_batches(records: list[ExperienceRecord], *, shared_prefix: bool, 
     costs = [sum(row.length for row in rows) for rows in units]
     mine = shard_units(costs, world_size)[rank]
     rows = [row for u in mine for row in units[u]]
-    return [collate_packed(batch, pad_token_id) for batch in group_rows(rows, budget)]
+    batches = group_rows(rows, budget)
+    if shared_prefix:
+        batches = [merge_rows(batch, budget) for batch in batches]
+    return [collate_packed(batch, pad_token_id) for batch in batches]
 
 
 def collate_packed(rows: list[Row], pad_token_id: int = 0) -> PackedMicroBatch:

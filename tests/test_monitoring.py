@@ -81,15 +81,17 @@ def test_dashboard_has_a_panel_for_everything_a_run_is_watched_for():
 
 # ---- one watched run ---------------------------------------------------------------------------------------------
 
-def _state_api_actors(dashboard: str, env: dict) -> list[dict]:
-    script = ("import json, sys\nfrom ray.util.state import list_actors\n"
+def _state_api(dashboard: str, env: dict) -> dict:
+    """The cluster's actors and jobs through Ray's state API, from a process with the run's token."""
+    script = ("import json, sys\nfrom ray.util.state import list_actors, list_jobs\n"
               "actors = list_actors(address=sys.argv[1], detail=True, limit=1000, raise_on_missing_output=False)\n"
-              "print(json.dumps([{'name': a.name, 'class_name': a.class_name, 'repr_name': a.repr_name,"
-              " 'state': a.state} for a in actors]))")
+              "jobs = list_jobs(address=sys.argv[1], detail=True)\n"
+              "print(json.dumps({'actors': [{'name': a.name, 'class_name': a.class_name, 'repr_name': a.repr_name,"
+              " 'state': a.state} for a in actors], 'jobs': [{'metadata': j.metadata} for j in jobs]}))")
     result = subprocess.run([sys.executable, "-c", script, dashboard], env=env, capture_output=True, text=True,
                             timeout=120)
     if result.returncode != 0:
-        return []
+        return {"actors": [], "jobs": []}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -143,7 +145,8 @@ def _browser_page_text(url: str, cookie: dict, wanted: list[str], timeout_s: flo
 
 @pytest.fixture(scope="module")
 def watched_run(tmp_path_factory):
-    pexpect = pytest.importorskip("pexpect", reason="pexpect runs the console in a pseudo-terminal: pip install pexpect")
+    pexpect = pytest.importorskip("pexpect", reason="pexpect runs the console in a pseudo-terminal: pip install "
+                                  "pexpect")
     tmp = tmp_path_factory.mktemp("watched")
     run_name, token = f"watch-{uuid.uuid4().hex[:6]}", secrets.token_hex(24)
     dashboard_port, prometheus_port = free_port(), free_port()
@@ -154,7 +157,8 @@ def watched_run(tmp_path_factory):
             "--summary", str(tmp / "summary.json"), f"run_name={run_name}", f"run_dir={tmp / 'run'}",
             f"total_steps={STEPS}", "algorithm.name=rrpo", "learner.weight_channel=ray_object_store",
             "eval.holdout=2", "eval.every=1", f"ray.dashboard_port={dashboard_port}",
-            f"monitor.prometheus={'true' if find_prometheus() else 'false'}", f"monitor.prometheus_port={prometheus_port}",
+            f"monitor.prometheus={'true' if find_prometheus() else 'false'}",
+            f"monitor.prometheus_port={prometheus_port}",
             # top_p < 1 makes the vLLM engine log a warning of our own (actors/engines/vllm_engine.py) in the rollout
             # actors: it must reach the console, unlike the engine's own lines.
             "rollout.top_p=0.95"]
@@ -167,9 +171,10 @@ def watched_run(tmp_path_factory):
     reader.start()  # keeps draining the terminal, so the run never blocks on a full pty
 
     names = {f"{run_name}/{role}" for role in ROLES}
-    actors, deadline = [], time.monotonic() + 600
+    actors, jobs, deadline = [], [], time.monotonic() + 600
     while child.isalive() and time.monotonic() < deadline:
-        actors = [a for a in _state_api_actors(dashboard, env) if a["state"] == "ALIVE"]
+        state = _state_api(dashboard, env)
+        actors, jobs = [a for a in state["actors"] if a["state"] == "ALIVE"], state["jobs"]
         if names <= {a["name"] for a in actors}:
             break
         time.sleep(3)
@@ -185,8 +190,10 @@ def watched_run(tmp_path_factory):
     reader.join(timeout=1200)
     child.close()
     ended = time.time()
+    (tmp / "console.txt").write_text(transcript.text())  # for a person reading a failure
     yield {"run_dir": tmp / "run", "summary_path": tmp / "summary.json", "run_name": run_name,
-           "transcript": transcript.text(), "exit_status": child.exitstatus, "actors": actors, "names": names,
+           "transcript": transcript.text(), "exit_status": child.exitstatus, "actors": actors, "jobs": jobs,
+           "names": names,
            "browser": browser, "browser_skip": browser_skip, "started": started, "ended": ended}
 
 
@@ -211,6 +218,10 @@ def _plain(transcript: str) -> str:
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r", "\n", transcript)
 
 
+def _engine(watched_run) -> str:
+    return json.loads(watched_run["summary_path"].read_text())["engine"]  # vllm where installed, else hf
+
+
 def test_the_run_succeeds(watched_run):
     assert watched_run["exit_status"] == 0, _plain(watched_run["transcript"])[-4000:]
     summary = json.loads(watched_run["summary_path"].read_text())
@@ -228,8 +239,9 @@ def test_console_shows_a_live_display_and_no_engine_output(watched_run):
     assert not re.search(rf"^step 1/{STEPS} \|", text, re.M)  # the plain one-line-per-step form is for pipes
     for label in ("reward", "held-out acc", "samples/s", "tokens/s", "queues", "resets", "weight load"):
         assert label in text, label
-    # Our own warnings still show, here one a rollout actor logs (top_p < 1), followed from RUN_DIR/logs.
-    assert re.search(r"rollout-\d WARNING resetrl\.\S+: top_p = 0\.95", text), text[-3000:]
+    # Our own warnings still show, here one a rollout actor's vLLM engine logs (top_p < 1), via RUN_DIR/logs.
+    if _engine(watched_run) == "vllm":
+        assert re.search(r"rollout-\d WARNING resetrl\.\S+: top_p = 0\.95", text), text[-3000:]
     assert "held-out accuracy" in text and f"plots: {watched_run['run_dir'] / 'plots'}" in text
 
 
@@ -238,7 +250,9 @@ def test_engine_output_went_to_the_role_logs(watched_run):
     for role in ROLES:
         assert (logs / f"{role}.log").is_file(), role
     rollout = (logs / "rollout-0.log").read_text(errors="replace")
-    assert re.search(r"INFO \d\d-\d\d", rollout), rollout[:2000]  # vLLM's own lines, at monitor.log_level INFO
+    if _engine(watched_run) == "vllm":
+        assert re.search(r"INFO \d\d-\d\d", rollout), rollout[:2000]  # vLLM's own lines, at monitor.log_level INFO
+        assert "top_p = 0.95" in rollout  # and the actor's own warning, which also went to the console
     assert "deepspeed" in (logs / "learner-rank0.log").read_text(errors="replace").lower()
 
 
@@ -250,10 +264,21 @@ def test_state_api_lists_the_runs_actors_by_name(watched_run):
     assert by_name[f"{run}/learner-rank0"]["class_name"] == "Learner"
     assert by_name[f"{run}/evaluator"]["class_name"] == "Evaluator"
     # The repr (the dashboard's Repr column): role, engine, policy version.
-    assert re.fullmatch(r"RolloutActor\(rollout-0, engine=vllm, policy v\d+\)", by_name[f"{run}/rollout-0"]["repr_name"])
+    engine = _engine(watched_run)
+    assert re.fullmatch(rf"RolloutActor\(rollout-0, engine={engine}, policy v\d+\)",
+                        by_name[f"{run}/rollout-0"]["repr_name"])
     assert re.fullmatch(r"Learner\(learner-rank0 of 1, DeepSpeed ZeRO-2, policy v\d+\)",
                         by_name[f"{run}/learner-rank0"]["repr_name"])
-    assert "engine=vllm" in by_name[f"{run}/evaluator"]["repr_name"]
+    assert f"engine={engine}" in by_name[f"{run}/evaluator"]["repr_name"]
+
+
+def test_the_job_metadata_names_the_run_and_its_config(watched_run):
+    ours = [job["metadata"] for job in watched_run["jobs"]
+            if (job["metadata"] or {}).get("resetrl_run") == watched_run["run_name"]]
+    assert len(ours) == 1, watched_run["jobs"]
+    config = json.loads(ours[0]["resetrl_config"])
+    assert config["run_name"] == watched_run["run_name"] and config["algorithm"]["name"] == "rrpo"
+    assert ours[0]["resetrl_run_dir"] == str(watched_run["run_dir"]) and ours[0]["resetrl_method"] == "rrpo"
 
 
 def test_the_dashboards_actors_page_shows_the_named_actors(watched_run):

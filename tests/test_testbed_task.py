@@ -115,3 +115,12 @@ def test_the_jsonl_rows_load_as_resetrl_reads_them(tmp_path):
                                             "steps": CORRECT[:-1]}
     [prompt] = build_prompts(DataConfig(source="jsonl", path=str(path)))  # what `resetrl train` reads
     assert (prompt.question, prompt.answer, prompt.metadata["expert_steps"]) == (PROMPT.question, "36", CORRECT[:-1])
+
+
+def test_the_taught_localisation_answer_parses_as_its_step():
+    from resetrl.algorithms.resets import parse_localised_step
+    from resetrl.testbed.sft import localisation_answer
+
+    assert localisation_answer(3) == "1 ok\n2 ok\n3 wrong\n\\boxed{3}"
+    for k in range(1, 10):
+        assert parse_localised_step(localisation_answer(k), 9)[0] == k

@@ -1,7 +1,7 @@
 """The "math" verifier: extract the final answer of a response and compare it with the reference answer.
 
 Extraction (`extract_answer`) is deliberately lenient about format, because a small model follows format
-instructions loosely (BENCHMARKS.md, "What SmolLM2-135M-Instruct can do out of the box": only 2-11% of its
+instructions loosely (docs/benchmarks.md, the SmolLM2 start-accuracy measurements: only 2-11% of its
 samples contain a \\boxed{} answer when asked for one):
   1. the content of the last balanced `\\boxed{...}` (or `\\fbox{...}`), else
   2. the last phrase `Answer: X` / `Answer = X` / `The (final) answer is X` / `The answer to <...> is X` (any case,

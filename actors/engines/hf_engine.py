@@ -30,6 +30,7 @@ from transformers import (
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from resetrl.actors.engines.base import Completion, Engine, SamplingSettings, empty_completion, request_budgets
+from resetrl.actors.engines.lora import HFAdapter, adapter_tensors
 from resetrl.weight_buckets import TensorSpec, open_group, open_store, receive_buckets
 
 
@@ -45,6 +46,7 @@ class HFEngine(Engine):
         device: str | None = None,
         max_batch_sequences: int = 64,
         share_prompt_cache: bool = True,
+        lora=None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -66,6 +68,8 @@ class HFEngine(Engine):
         self.max_batch_sequences = max_batch_sequences
         self.shares_prompt_prefill = share_prompt_cache  # False: every row encodes its prompt (the old path)
         self._call_seeds = random.Random(seed)
+        # learner.lora: each version is a LoRA adapter applied by peft layers in the model (actors/engines/lora.py).
+        self.adapter = HFAdapter(self.model, lora) if lora is not None else None
 
     @torch.no_grad()
     def generate(
@@ -205,6 +209,9 @@ class HFEngine(Engine):
 
     def load_weights(self, weights_dir: str) -> None:
         """Copy `weights_dir/*.safetensors` (names as in model.state_dict()) into the live model, in place."""
+        if self.adapter is not None:  # learner.lora: the folder holds the adapter's tensors
+            self.adapter.load(adapter_tensors(weights_dir))
+            return
         files = sorted(Path(weights_dir).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors file in {weights_dir}: expected model.safetensors")
@@ -235,6 +242,11 @@ class HFEngine(Engine):
 
     def receive_weights(self, buckets: list[list[dict]]) -> None:
         plan = [[TensorSpec.from_json(raw) for raw in bucket] for bucket in buckets]
+        if self.adapter is not None:  # learner.lora: the buckets hold the adapter (copied out of the reused buffer)
+            received = [(name, t.clone()) for named in receive_buckets(self._weight_group, plan, self.device)
+                        for name, t in named]
+            self.adapter.load(dict(received))
+            return
         params = self.model.state_dict()
         # Checked before receiving, but every bucket is still received: the learner's broadcast needs every rank.
         problems = [f"{s.name}: not in this model" for b in plan for s in b if s.name not in params]

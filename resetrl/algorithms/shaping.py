@@ -1,6 +1,6 @@
 """GRPO options that act on rewards and groups before advantages are computed (DAPO, arXiv 2503.14476).
 
-Pure functions, no Ray, Redis or DeepSpeed (STYLE.md): the rollout actor adds the overlong penalty to a
+Pure functions, no Ray, Redis or DeepSpeed (docs/design.md, "Roles and data flow"): the rollout actor adds the overlong penalty to a
 trajectory's reward, and drops (and the driver refills) groups without signal when dynamic sampling is on.
 """
 

@@ -1,4 +1,4 @@
-"""SRL — Supervised Reinforcement Learning (arXiv 2510.25992; ALGORITHMS.md, "SRL").
+"""SRL — Supervised Reinforcement Learning (arXiv 2510.25992; docs/algorithms.md, "SRL").
 
 An expert solution s_1..s_N becomes N-1 instances: problem + s_1..s_{k-1}, target s_k, for k = 2..N. The model
 answers `<think>...</think>` and then its step; only the step is scored, by its similarity to s_k:
@@ -7,7 +7,7 @@ answers `<think>...</think>` and then its step; only the step is scored, by its 
 
 GRPO runs on these rewards, and dynamic sampling keeps an instance only if its rewards differ (std > eps,
 shaping.group_has_signal).
-Pure functions, no Ray, Redis or DeepSpeed (STYLE.md).
+Pure functions, no Ray, Redis or DeepSpeed (docs/design.md, "Roles and data flow").
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Reasoning steps: where a response's steps start, as character spans and as token offsets.
 
-A step is one unit of reasoning (ALGORITHMS.md, "step"). The rollout prompt asks for one step at a time, each
+A step is one unit of reasoning (docs/algorithms.md, "Vocabulary"). The rollout prompt asks for one step at a time, each
 closed by a delimiter (default `</step>`); a response without delimiters is split on blank lines, then on sentence
 ends. RRPO/SRPO reset a failed trajectory at a step, so the actor needs each step's first token: those offsets
-travel in ExperienceRecord.step_boundaries. Pure functions, no Ray, Redis or DeepSpeed (STYLE.md).
+travel in ExperienceRecord.step_boundaries. Pure functions, no Ray, Redis or DeepSpeed (docs/design.md, "Roles and data flow").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SuperRL (arXiv 2506.01096; ALGORITHMS.md, "SuperRL"): policy gradient where the rewards carry signal, SFT on
+"""SuperRL (arXiv 2506.01096; docs/algorithms.md, "SuperRL"): policy gradient where the rewards carry signal, SFT on
 the expert solution where they do not.
 
 Per prompt i, gate c_i = 1 if any of its rollouts got a positive reward (variant: any positive advantage), and
@@ -8,7 +8,7 @@ Per prompt i, gate c_i = 1 if any of its rollouts got a positive reward (variant
 with L_SFT the mean token NLL of the expert solution (losses.supervised_loss). The learner sees a step's records,
 not its prompts' losses, so it computes L_PG over the policy-gradient records and L_SFT over the SFT records and
 mixes them with gate_loss_weights. Variants: one switch for a whole batch (batch_gate) and learnable uncertainty
-weights (uncertainty_weights). Pure functions, no Ray, Redis or DeepSpeed (STYLE.md).
+weights (uncertainty_weights). Pure functions, no Ray, Redis or DeepSpeed (docs/design.md, "Roles and data flow").
 """
 
 from __future__ import annotations

@@ -52,8 +52,9 @@ class TestbedSettings:
     warmup_steps: int = 50
     batch_size: int = 32
     localisation_batch: int = 8
-    localisation_fraction: float = 0.25  # share of SFT batches that are localisation examples
-    eval_every: int = 200
+    localisation_steps: int = 300  # SFT steps with localisation examples, once solving is in the band
+    localisation_fraction: float = 0.5  # share of those steps' batches that are localisation examples
+    eval_every: int = 100
     max_steps: int = 3000  # the stop when the band is never reached; deterministic, unlike a time cap
     max_seconds: float | None = None  # an optional wall-clock cap (then the result depends on the machine's load)
     band_low: float = 0.15
@@ -149,7 +150,7 @@ def _corpus(settings: TestbedSettings, rng: random.Random) -> list[str]:
         texts.append(sft.PROMPT_TEMPLATE.format(question=problem.question)
                      + response_text(problem.expert_steps(), problem.answer))
         message, wrong, _count = sft.localisation_request(problem, rng)
-        texts.append(f"{message}\\boxed{{{wrong}}}")
+        texts.append(message + sft.localisation_answer(wrong))
     return texts
 
 

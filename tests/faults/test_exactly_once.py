@@ -147,8 +147,8 @@ def test_the_dedupe_state_in_a_checkpoint_does_not_grow_with_the_run(learner, re
     first = learner(checkpoint_every=1, checkpoint_keep=10)
     sizes = []
     for step in range(1, 7):
-        push(redis_client, processing(f"p{step}a", f"t{step}a", ["#0", "#1"])
-             + processing(f"p{step}b", f"t{step}b", ["#0", "#1"]))
+        push(redis_client, processing(f"p{step}a", f"t{step}a", ["#0", "#1"], version=step - 1)
+             + processing(f"p{step}b", f"t{step}b", ["#0", "#1"], version=step - 1))
         assert first.train_step(timeout_s=30)["step"] == step
         state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step:08d}" / "learner_state.json").read_text())
         state.pop("counters")  # counter values are numbers that grow; what is kept per record or prompt must not

@@ -1,12 +1,15 @@
 """Redis restarted under the roles (AOF on): queued and pending entries survive; clients reconnect with backoff.
 
 A real redis-server (embedded, appendonly yes, appendfsync everysec) is SIGKILLed and started again on the same
-port while a producer and a learner are using it. The full run with a restart mid-training is
+port while a producer and a learner are using it; the driver's supervisor (EmbeddedRedis.supervise) does the
+restart by itself, or, without the AOF, says what was lost. The full run with a restart mid-training is
 test_kill_and_resume.py::test_redis_restart_mid_run (slow).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -98,3 +101,51 @@ def test_a_learner_carries_on_across_a_redis_restart(durable_redis, tmp_path):
     assert stats["learner_steps"] == 2 and stats["samples_trained"] == 4
     assert producer.depth() == 0
     learner.close()
+
+
+def _kill_externally(server: EmbeddedRedis) -> None:
+    """SIGKILL from outside the driver's code (the OOM killer, a person): only the supervisor notices."""
+    os.kill(server.process.pid, signal.SIGKILL)
+
+
+def _wait_for(condition, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.05)
+
+
+def test_the_supervisor_restarts_a_dead_durable_server_on_its_port_from_its_aof(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis", durable=True).start()
+    events = []
+    server.supervise(say=events.append)
+    try:
+        client = connect(server.url)
+        queue = StreamQueue(client, "s", "g", "a")
+        queue.ensure_group()
+        queue.put_many([b"1", b"2"])
+        time.sleep(1.5)  # appendfsync everysec
+        port, pid = server.port, server.process.pid
+        _kill_externally(server)
+        _wait_for(lambda: server.restarts)
+        assert server.port == port and server.process.pid != pid and server.lost is None
+        assert queue.depth() == 2  # the same URL, the same data: the client reconnects with its backoff
+        assert server.restarts[0]["exit_code"] == -signal.SIGKILL and server.restarts[0]["down_seconds"] < 5
+        assert events and f"restarted on port {port}" in events[0]
+    finally:
+        server.stop()
+    time.sleep(0.5)
+    assert server.process is None and len(server.restarts) == 1  # stop() is final: nothing restarted after it
+
+
+def test_a_dead_server_without_aof_is_reported_lost_not_restarted(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis", durable=False).start()
+    events = []
+    server.supervise(say=events.append)
+    try:
+        _kill_externally(server)
+        _wait_for(lambda: server.lost)
+        assert server.restarts == [] and not server.alive()
+        assert "queue.durable is false" in server.lost and "queues" in server.lost and events == [server.lost]
+    finally:
+        server.stop()
