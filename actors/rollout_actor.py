@@ -76,8 +76,10 @@ class _RolloutMetrics:
     def record_batch(self, tokens: int, samples: int, seconds: float, version: int) -> None:
         if not self.enabled:
             return
-        self.tokens.inc(tokens)
-        self.samples.inc(samples)
+        if tokens > 0:  # a Ray counter refuses 0
+            self.tokens.inc(tokens)
+        if samples > 0:  # 0 when another worker had taken the batch's prompts over
+            self.samples.inc(samples)
         self.tokens_per_s.set(tokens / max(seconds, 1e-9))
         self.version.set(version)
 
@@ -131,6 +133,8 @@ class RolloutActor:
         self.heartbeat("starting")
         self._lease = threading.Event()  # set: the lease thread stops
         self._lease_thread: threading.Thread | None = None
+        self._holding: set[str] = set()  # prompt entry ids read and not yet completed: what the lease renews
+        self._holding_lock = threading.Lock()
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -151,7 +155,7 @@ class RolloutActor:
 
     def _run(self, totals: dict) -> dict:
         # Entries this consumer name already held (a restart of the same worker) come first.
-        backlog = self.prompts.read(count=1000, pending=True)
+        backlog = self._hold(self.prompts.read(count=1000, pending=True))
         if backlog:
             incr_stats(self.client, self.keys, prompts_replayed=len(backlog))
         self.heartbeat("running")
@@ -164,7 +168,7 @@ class RolloutActor:
             if backlog:
                 entries, backlog = backlog[: self.cfg.rollout.prompts_per_batch], backlog[self.cfg.rollout.prompts_per_batch :]
             elif iteration % _RECLAIM_EVERY == 0 and (reclaimed := self.prompts.reclaim(self.cfg.queue.claim_idle_ms)):
-                backlog = reclaimed
+                backlog = self._hold(reclaimed)
                 incr_stats(self.client, self.keys, prompts_reclaimed=len(reclaimed))
                 continue
             else:
@@ -190,7 +194,7 @@ class RolloutActor:
         self.heartbeat("retiring")
         per_batch = self.cfg.rollout.prompts_per_batch
         # Read wide: a held entry deleted meanwhile comes back empty and is skipped; it must not hide the rest.
-        while (held := self.prompts.read(count=1000, pending=True)) and not stop_requested(self.client, self.keys):
+        while (held := self._hold(self.prompts.read(count=1000, pending=True))) and not stop_requested(self.client, self.keys):
             for start in range(0, len(held), per_batch):
                 self.sync_weights()
                 self.process(held[start : start + per_batch])
@@ -204,13 +208,24 @@ class RolloutActor:
         self._lease_thread = threading.Thread(target=self._keep_lease, name=f"lease-{self.consumer}", daemon=True)
         self._lease_thread.start()
 
+    def _hold(self, entries: list[StreamEntry]) -> list[StreamEntry]:
+        with self._holding_lock:
+            self._holding.update(entry.entry_id for entry in entries)
+        return entries
+
+    def _release(self, entries: list[StreamEntry]) -> None:
+        with self._holding_lock:
+            self._holding.difference_update(entry.entry_id for entry in entries)
+
     def _keep_lease(self) -> None:
         """Renew this consumer's claim on every prompt it holds, and heartbeat, until run() returns: a batch that
         takes longer than claim_idle_ms keeps its prompts. A dead process renews nothing, so its prompts go idle."""
         period_s = max(0.05, self.cfg.queue.claim_idle_ms / 1000 / _RENEWALS_PER_IDLE)
         while not self._lease.wait(period_s):
             try:
-                self.prompts.renew()
+                with self._holding_lock:
+                    holding = list(self._holding)
+                self.prompts.renew(holding)
                 if time.monotonic() - self.last_heartbeat > _IDLE_HEARTBEAT_S:
                     self.heartbeat(self.state)
             except Exception as exc:  # Redis down beyond the client's retries: try again at the next period
@@ -240,6 +255,13 @@ class RolloutActor:
         return True
 
     def process(self, entries: list[StreamEntry]) -> dict:
+        self._hold(entries)
+        try:
+            return self._process(entries)
+        finally:
+            self._release(entries)
+
+    def _process(self, entries: list[StreamEntry]) -> dict:
         prompts, good_ids, bad_entries, reasons = [], [], [], []
         for entry in entries:
             try:

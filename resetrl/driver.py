@@ -29,7 +29,9 @@ from resetrl.metrics import MetricsSink, derived_rates, namespaced, start_wandb
 from resetrl.models import resolve_model
 from resetrl.prometheus import RAY_EXPORT_INTERVAL_S, LocalPrometheus, pick_port
 from resetrl.net import free_port, port_is_free
-from resetrl.queue import StreamQueue, connect, dead_letter_stream, shutdown_server, stream_length, unreachable
+from resetrl.queue import (
+    RedisGone, StreamQueue, connect, dead_letter_stream, shutdown_server, stream_length, unreachable,
+)
 from resetrl.ray_actors import kill_actor
 from resetrl.record import PromptRecord, encode_prompt
 from resetrl.redis_server import EmbeddedRedis
@@ -41,11 +43,6 @@ from resetrl.run_state import (
 from resetrl.weights import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
-
-# Sent to the driver's main thread when the run must stop at once (its embedded redis-server died with no AOF to
-# restart from): the handler raises RunAborted there, even while a Redis call is retrying.
-_ABORT_SIGNAL = signal.SIGUSR2
-
 
 class RunAborted(RuntimeError):
     """The run cannot go on, for a reason its message gives a person to act on; the CLI prints it, no traceback."""
@@ -92,9 +89,10 @@ class PromptFeeder:
         before = self.fed
         ids = [self.prompt_id(before + i) for i in range(len(payloads))]
         # The cursor after the call: before + len(payloads), or wherever an earlier feed had already moved it (this
-        # driver's previous life, say), in which case nothing was fed and the next call feeds from there.
+        # driver's previous life, say), in which case nothing was fed and the next call feeds from there. Returns
+        # how far the cursor moved.
         self.fed = self.queue.feed(self.keys.prompts_fed, before, payloads, ids)
-        return len(payloads) if self.fed == before + len(payloads) else 0
+        return self.fed - before
 
 
 @dataclass
@@ -115,7 +113,10 @@ class RunServices:
     dashboard_url: str | None = None
     prometheus: LocalPrometheus | None = None  # monitor.prometheus
     learner_restarts: list = field(default_factory=list)  # {died_after_s, back_after_s} per restart by Ray
-    abort_handler_installed: bool = False
+
+    def redis_lost(self) -> str | None:
+        """Why the run's embedded redis-server is gone for good (it died without an AOF), or None."""
+        return self.redis.lost if self.redis is not None else None
 
 
 def _weights_root(cfg: RunConfig) -> Path:
@@ -213,7 +214,6 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
     wall_started = time.monotonic()
     summary: dict = {}
     sink: MetricsSink | None = None
-    previous_abort_handler = _install_abort_handler(services)
     try:
         model_path = str(resolve_model(cfg.model))
         if cfg.queue.redis_url:
@@ -225,12 +225,14 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
                 log.warning("resume without queue.durable: the embedded Redis kept nothing; unacked experience "
                             "of the previous run is lost, training continues from the checkpoint")
             # With AOF on, the same data dir brings back the streams, groups and counters of the previous run.
-            services.redis = EmbeddedRedis(run_dir / "redis", durable=cfg.queue.durable).start()
+            services.redis = EmbeddedRedis(run_dir / "redis", durable=cfg.queue.durable,
+                                           fsync=cfg.queue.appendfsync).start()
             redis_url = services.redis.url
             # The driver supervises what it started: a redis-server that dies is restarted from its AOF, or the run
-            # stops with what was lost (RunAborted, raised in this thread by _abort_on_signal).
-            services.redis.supervise(say=_redis_event_reporter(services))
-        client = services.client = connect(redis_url)
+            # stops with what was lost (RunAborted: the loop checks services.redis_lost, and the driver's client
+            # gives up its retries).
+            services.redis.supervise(say=console.log)
+        client = services.client = connect(redis_url, give_up=services.redis_lost)
         services.keys = keys
         if resume:
             prepare_resume(client, keys)  # streams, pending entries and counters stay; stop flag and weights go
@@ -319,12 +321,12 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
             # export and the scrape after it: keep Ray up until one has happened (at most 40 s).
             services.prometheus.wait_for_scrape("ray_resetrl_learner_policy_version",
                                                 after=time.time() + RAY_EXPORT_INTERVAL_S, timeout_s=40)
+    except RedisGone as exc:  # the driver's own Redis call gave up: the embedded server is gone for good
+        raise RunAborted(str(exc)) from None
     finally:
         _shutdown(services)
         if sink is not None:
             sink.close()
-        if services.abort_handler_installed:
-            signal.signal(_ABORT_SIGNAL, previous_abort_handler)
     summary["wall_seconds"] = round(time.monotonic() - wall_started, 2)
     summary["run_dir"] = str(run_dir)
     if cfg.monitor.plots:
@@ -395,6 +397,8 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
             pending = services.learner.train_step.remote(timeout_s=5.0)
             while True:
                 done, _ = ray.wait([pending], timeout=0.5)
+                if lost := services.redis_lost():
+                    raise RunAborted(lost)
                 elapsed = time.monotonic() - loop_started
                 stats = read_stats(client, keys)
                 view.update(step, stats=stats, elapsed=elapsed, queues=queues())
@@ -523,8 +527,7 @@ def _shutdown(services: RunServices) -> None:
     Actors are killed, not asked to close: the engines (vLLM's core included) live in the actor processes, so
     ending the process frees everything, and a busy actor (mid-generation after Ctrl-C) cannot delay the stop.
     """
-    redis_lost = services.redis is not None and services.redis.lost is not None
-    if services.client is not None and not redis_lost:  # a lost Redis would only be retried for ~20 s
+    if services.client is not None and not services.redis_lost():  # a lost Redis would only be retried, ~27 s
         try:
             request_stop(services.client, services.keys)
         except Exception:
@@ -594,32 +597,6 @@ def _prompt_accounting(client, keys: RunKeys, learner_accounting: dict, stats: d
         "records_dead_lettered": stream_length(client, dead_letter_stream(keys.experience)),
         "prompts_dead_lettered": stream_length(client, dead_letter_stream(keys.prompts)),
     }
-
-
-def _install_abort_handler(services: RunServices):
-    """In the main thread: _ABORT_SIGNAL raises RunAborted with what was lost (see _redis_event_reporter)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def abort(_signum, _frame):
-        signal.signal(_ABORT_SIGNAL, signal.SIG_IGN)  # once: the unwinding must not be interrupted again
-        raise RunAborted(services.redis.lost if services.redis is not None and services.redis.lost else "aborted")
-
-    previous = signal.signal(_ABORT_SIGNAL, abort)
-    services.abort_handler_installed = True
-    return previous
-
-
-def _redis_event_reporter(services: RunServices):
-    """What the redis supervisor says goes to the console; a loss also stops the main thread (RunAborted)."""
-    main = threading.main_thread()
-
-    def say(message: str) -> None:
-        console.log(message)
-        if services.redis is not None and services.redis.lost and services.abort_handler_installed:
-            signal.pthread_kill(main.ident, _ABORT_SIGNAL)
-
-    return say
 
 
 def _wait_for_restarted_learner(cfg: RunConfig, services: RunServices, error: Exception, loop_started: float) -> None:

@@ -16,6 +16,7 @@ The ledger (resetrl/run_state.py reads it) gives each fed prompt id one terminal
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -50,7 +51,7 @@ class LedgerKeys:
 
 @dataclass(frozen=True)
 class Mark:
-    """Settle `prompt_id` in `state` (TERMINAL_STATES), by the processing `tag` (docs/design.md, "Ledger")."""
+    """Settle `prompt_id` in `state` (TERMINAL_STATES), by the processing `tag` (docs/design.md, "Reliability contract")."""
 
     prompt_id: str
     state: str
@@ -153,27 +154,46 @@ marks_from(L, ARGV, at + nack + 1)
 return ndead + nack
 """
 
-# KEYS: stream. ARGV: group, consumer, count. Resets the idle time of every entry this consumer holds (JUSTID:
-# the delivery count stays), atomically with finding them, so an entry another worker took meanwhile stays its.
+# KEYS: stream. ARGV: group, consumer, entry ids. Resets the idle time of each given entry this consumer still
+# holds (JUSTID: the delivery count stays), atomically with checking who holds it, so an entry another worker took
+# meanwhile stays that worker's. Returns how many were renewed.
 _RENEW = """
 redis.replicate_commands()
-local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
-for _, entry in ipairs(held) do
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry[1], 'JUSTID')
+local renewed = 0
+for i = 3, #ARGV do
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #held == 1 and held[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
 end
-return #held
+return renewed
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that retries lost connections with backoff instead of failing the first call."""
+class RedisGone(redis.ConnectionError):
+    """The server is known to be gone for good (a client's `give_up` says so): retrying would only wait."""
+
+
+def connect(url: str, give_up: Callable[[], str | None] | None = None) -> redis.Redis:
+    """A client that retries lost connections with backoff instead of failing the first call. `give_up`, asked
+    before each retry, returns why not to wait any longer (the embedded server died with nothing to restart from),
+    and the call raises RedisGone with it."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
+    class Backoff(ExponentialBackoff):
+        def compute(self, failures: int) -> float:
+            if give_up is not None and (reason := give_up()):
+                raise RedisGone(reason)
+            return super().compute(failures)
+
+    # 0.1 s doubling, capped at 1 s, 30 tries: about 27 s of outage ridden out, and a client notices a restarted
+    # server (the driver restarts its embedded one within a second) within a second.
     return redis.Redis.from_url(
         url,
         decode_responses=False,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=8),
+        retry=Retry(Backoff(cap=1.0, base=0.05), retries=30),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
     )
@@ -271,10 +291,14 @@ class StreamQueue:
         keys = [self.stream, cursor_key, *self._ledger_keys()]
         return int(self._script(_FEED)(keys=keys, args=[expected, len(payloads), *payloads, *prompt_ids]))
 
-    def renew(self, count: int = 10_000) -> int:
-        """Reset the idle time of every entry this consumer holds (its lease): another consumer's reclaim, which
-        takes only entries idle for claim_idle_ms, leaves them alone while this one is alive. Returns how many."""
-        return int(self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, count]))
+    def renew(self, entry_ids: list[str]) -> int:
+        """Reset the idle time of the entries this consumer works on (its lease): another consumer's reclaim, which
+        takes only entries idle for claim_idle_ms, leaves them alone while this one is alive. Only the entries the
+        caller knows it holds: one delivered to it whose reply was lost (a Redis restart) must go idle and be
+        reclaimed, not be renewed forever. Returns how many it still held."""
+        if not entry_ids:
+            return 0
+        return int(self._script(_RENEW)(keys=[self.stream], args=[self.group, self.consumer, *entry_ids]))
 
     @property
     def dead_stream(self) -> str:

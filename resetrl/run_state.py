@@ -6,7 +6,7 @@ counters: the run's life (stop flag, start time, data cursor), the ledger of fed
 (wanted count, retire flags, heartbeats), the published weights and the nccl weight channel's per-version
 handshake (resetrl/weights/nccl.py).
 
-The ledger (docs/design.md, "Ledger") is written only together with the stream operations that settle a prompt
+The ledger (docs/design.md, "Reliability contract") is written only together with the stream operations that settle a prompt
 (resetrl/queue.py: feed, complete, ack, dead_letter); here it is read. It does not trust the learner's dedupe: a
 second attempt to settle a prompt id (another processing trained it too, say) is counted, never overwrites.
 """

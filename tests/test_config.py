@@ -41,9 +41,12 @@ def test_override_without_equals_sign_explains_the_syntax():
         load_config(None, ["learner.lr"])
 
 
-def test_micro_batch_must_divide_the_step():
-    with pytest.raises(ConfigError, match="micro_batch_size"):
-        config_from_dict({"learner": {"prompts_per_step": 3, "micro_batch_size": 4}, "rollout": {"group_size": 3}})
+def test_a_step_need_not_divide_into_micro_batches():
+    # Micro-batches are packed per step (learner/packing.py): 9 records in micro-batches of 4 is 4 + 4 + 1, and
+    # repair's 2 x (4 + 1) records on the tiny preset are no longer refused (issue "faster than TRL").
+    cfg = config_from_dict({"learner": {"prompts_per_step": 3, "micro_batch_size": 4}, "rollout": {"group_size": 3}})
+    assert cfg.records_per_step == 9
+    assert load_config(CONFIGS / "tiny.yaml", ["algorithm.name=repair"]).records_per_step == 10
 
 
 def test_tiny_model_head_dim_checked_for_vllm():

@@ -121,9 +121,9 @@ def _status(run_dir: Path) -> dict | None:
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
-# Enough steps that a worker added after step 1 can start, generate and retire before the job ends (4-8 s a
+# Enough steps that a worker added after step 1 can start, generate and retire before the job ends (0.7-8 s a
 # step here); one prompt per engine call, so the first worker leaves queued prompts for the newcomer.
-_STEPS = 20
+_STEPS = 60
 
 
 # ~100 s on 2 cores; in the default suite because the issue asks CI to show elastic scaling loses nothing.

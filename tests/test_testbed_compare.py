@@ -76,6 +76,8 @@ def test_compare_methods_pairs_seeds_with_grpo():
     # seed 0: GRPO's best 0.3 -> oracle reaches it at 100 tokens; seed 1: GRPO's best 0.4 -> oracle never does
     assert oracle["tokens_to_grpo_best"]["values"] == [100, None]
     assert grpo["tokens_to_grpo_best"]["values"] == [100, 200]
+    assert oracle["tokens_ratio_to_grpo"]["values"] == [1.0, None]  # 100/100; never / 200
+    assert grpo["tokens_ratio_to_grpo"]["values"] == [1.0, 1.0]
     assert oracle["wall_to_grpo_best"]["values"] == [10.0, None]
     assert oracle["accuracy_at_budget"]["mean"] == 0.35
     assert oracle["accuracy_gain_vs_grpo"]["values"] == [0.15, -0.1]

@@ -109,9 +109,14 @@ def compare_methods(runs: dict[str, dict[int, dict]]) -> dict:
         seeds = sorted(seed for seed in by_seed if seed in grpo)
         curves = {seed: eval_points(by_seed[seed]) for seed in seeds}
         targets = {seed: best_after_start(grpo[seed]) for seed in seeds}
+        tokens = [cost_to_reach(curves[s], targets[s], lambda p: p.tokens) for s in seeds]
+        grpo_tokens = [cost_to_reach(grpo[s], targets[s], lambda p: p.tokens) for s in seeds]
         table[method] = {
             "seeds": seeds,
-            "tokens_to_grpo_best": stat_block([cost_to_reach(curves[s], targets[s], lambda p: p.tokens) for s in seeds], "median"),
+            "tokens_to_grpo_best": stat_block(tokens, "median"),
+            # Per seed, a method's tokens over GRPO's own; a seed whose GRPO peak is its start (0 tokens) has none.
+            "tokens_ratio_to_grpo": stat_block([t / g for t, g in zip(tokens, grpo_tokens) if 0 < g < math.inf],
+                                               "median"),
             "wall_to_grpo_best": stat_block([cost_to_reach(curves[s], targets[s], lambda p: p.seconds) for s in seeds], "median"),
             "accuracy_at_budget": stat_block([curves[s][-1].accuracy for s in seeds], "mean"),
             "accuracy_gain_vs_grpo": stat_block([curves[s][-1].accuracy - grpo[s][-1].accuracy for s in seeds], "mean"),

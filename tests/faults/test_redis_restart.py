@@ -130,7 +130,7 @@ def test_the_supervisor_restarts_a_dead_durable_server_on_its_port_from_its_aof(
         _wait_for(lambda: server.restarts)
         assert server.port == port and server.process.pid != pid and server.lost is None
         assert queue.depth() == 2  # the same URL, the same data: the client reconnects with its backoff
-        assert server.restarts[0]["exit_code"] == -signal.SIGKILL and server.restarts[0]["down_seconds"] < 5
+        assert server.restarts[0]["exit_code"] == -signal.SIGKILL and server.restarts[0]["restart_seconds"] < 5
         assert events and f"restarted on port {port}" in events[0]
     finally:
         server.stop()
