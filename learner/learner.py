@@ -1,3 +1,4 @@
+# Over 400 lines: one rank's step, publishing, checkpoint and resume; intake, objective, packing, LoRA, distributed are modules of their own.
 """The learner: reads experience from the Redis stream, takes DeepSpeed optimizer steps, publishes weights.
 
 A plain class; the driver runs it as Ray actors through learner/group.py. One step reads top to bottom

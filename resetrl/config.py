@@ -1,3 +1,4 @@
+# Over 400 lines on purpose: every section of a run's config in one file, so a user reads all options in one place.
 """Typed run configuration: pydantic models, loaded from YAML plus dotted `key=value` overrides.
 
 Every field is documented here; presets live in configs/. Errors are for people: an unknown key or a value of the

@@ -1,3 +1,4 @@
+# Over 400 lines: the run's whole lifecycle (services, train loop, evaluation, shutdown, summary); next: split into a launch package.
 """The driver of `resetrl train`: the only place that starts processes.
 
 It starts (or connects to) Redis and Ray, creates the learner and the rollout actors, feeds prompts, shows

@@ -167,7 +167,10 @@ def test_reset_methods_train_end_to_end(tmp_path, method):
     assert summary["steps"] == 2 and summary["method"] == method
     assert summary["reset_rate"] == 1.0 and summary["fallback_rate"] == 0.0
     assert counters["resets"] >= 2 and counters["g2_samples"] == 4 * counters["resets"]
-    assert counters["records_trained_suffix_only"] > 0
+    if method == "rrpo":
+        assert counters["records_trained_suffix_only"] > 0
+    # srpo: the tiny random model never names a step, and an unparsable localisation resets at step 1 (the reference's
+    # rule; resets.parse_localised_step), so its continuations have an empty prefix: nothing suffix-only to count.
     assert summary["samples_generated"] == summary["samples_trained"] + summary["queue_dropped_stale"] + summary["samples_left_in_queue"]
     assert summary["tokens_per_trained_token"] > 1.0  # parents (and localisations) are generated, not trained
     if method == "srpo":

@@ -19,7 +19,10 @@ KEYS = RunKeys("threads")
 
 
 @pytest.fixture(autouse=True)
-def keep_torch_threads():
+def keep_torch_threads(monkeypatch):
+    # A vLLM CPU worker that ran in this pytest process (tests/test_engines.py) replaces torch.set_num_threads with a
+    # no-op that warns; these tests are about resetrl's budget, so they get torch's own function back.
+    monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
