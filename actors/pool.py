@@ -21,7 +21,8 @@ import ray
 from resetrl.queue import StreamQueue
 from resetrl.ray_actors import kill_actor
 from resetrl.run_state import (
-    RunKeys, forget_worker, incr_stats, request_retire, set_desired_workers, set_worker_count, start_worker_pool,
+    RunKeys, forget_worker, incr_stats, read_heartbeats, request_retire, set_desired_workers, set_worker_count,
+    start_worker_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,13 @@ class RolloutPool:
             died, _ = ray.wait([worker.run_ref for worker in added], num_returns=len(added), timeout=0)
             for worker in [w for w in added if w.run_ref in died]:
                 self._drop_dead(worker)
+                changed = True
+        # A worker Ray restarted has a new process: its heartbeat says which (RolloutActor.heartbeat).
+        beats = read_heartbeats(self.client, self.keys)
+        for index, worker in self.workers.items():
+            beat_pid = beats.get(index, {}).get("pid")
+            if worker.pid is not None and isinstance(beat_pid, int) and beat_pid != worker.pid:
+                worker.pid = beat_pid
                 changed = True
         for worker in self.workers.values():
             if worker.pid is None and self._has_started(worker):

@@ -171,6 +171,12 @@ class RolloutActor:
                 backlog = self._hold(reclaimed)
                 incr_stats(self.client, self.keys, prompts_reclaimed=len(reclaimed))
                 continue
+            elif orphans := self._hold(self.prompts.read(count=1000, pending=True)):
+                # Between batches this worker holds nothing, yet Redis says it does: a read whose reply was lost
+                # (Redis restarted under it) delivered them. Take them now rather than after claim_idle_ms.
+                backlog = orphans
+                incr_stats(self.client, self.keys, prompts_replayed=len(orphans))
+                continue
             else:
                 entries = self.prompts.read(count=self.cfg.rollout.prompts_per_batch, block_ms=500)
             if not entries:

@@ -4,8 +4,12 @@ from the learner's dedupe (resetrl/run_state.py ledger_summary). Real redis-serv
 
 from __future__ import annotations
 
-import numpy as np
+import json
 
+import numpy as np
+from typer.testing import CliRunner
+
+from resetrl.cli import app
 from resetrl.driver import PromptFeeder
 from resetrl.queue import Mark, StreamQueue
 from resetrl.record import ExperienceRecord, PromptRecord, encode_experience
@@ -24,7 +28,8 @@ def experience_record(prompt_id: str, index: int) -> ExperienceRecord:
     )
 
 
-def test_every_fed_prompt_is_settled_in_flight_or_counted_lost(redis_client):
+def test_every_fed_prompt_is_settled_in_flight_or_counted_lost(redis_server, redis_client):
+    redis_url = redis_server.url
     problems = [PromptRecord(f"q{i}", f"{i} + 1", str(i + 1), "basic_arithmetic") for i in range(6)]
     prompts = StreamQueue(redis_client, KEYS.prompts, PROMPT_GROUP, "driver", ledger=KEYS.ledger_keys)
     prompts.ensure_group()
@@ -44,6 +49,8 @@ def test_every_fed_prompt_is_settled_in_flight_or_counted_lost(redis_client):
     summary = ledger_summary(redis_client, KEYS)
     assert summary == {"fed": 6, "trained": 1, "dropped_stale": 0, "dropped_no_signal": 1, "dead_lettered": 0,
                        "in_flight": 3, "lost": 1, "trained_twice": 0, "second_attempts": 0}  # in flight: q1, q3, q5
+    status = CliRunner().invoke(app, ["status", "--redis-url", redis_url, "--run-name", KEYS.run_name])
+    assert status.exit_code == 0 and json.loads(status.output)["ledger"] == summary  # what `resetrl status` shows
 
 
 def test_a_settled_prompt_keeps_its_state_and_every_second_attempt_is_counted(redis_client):

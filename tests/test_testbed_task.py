@@ -121,6 +121,7 @@ def test_the_taught_localisation_answer_parses_as_its_step():
     from resetrl.algorithms.resets import parse_localised_step
     from resetrl.testbed.sft import localisation_answer
 
-    assert localisation_answer(3) == "1 ok\n2 ok\n3 wrong\n\\boxed{3}"
-    for k in range(1, 10):
-        assert parse_localised_step(localisation_answer(k), 9)[0] == k
+    assert localisation_answer(PROBLEM, 3) == "1: 12+7=19 ok\n2: 19*2=38 ok\n3: 38-5=33 wrong\n\\boxed{3}"
+    assert localisation_answer(PROBLEM, 5).endswith("4: 33+3=36 ok\n5: Answer: 36 wrong\n\\boxed{5}")
+    for k in range(1, 6):
+        assert parse_localised_step(localisation_answer(PROBLEM, k), 5)[0] == k

@@ -20,8 +20,8 @@ from resetrl.testbed.chain_task import ChainProblem, corrupted_steps, random_pro
 # The prompt the RL preset (configs/testbed-chain.yaml, data.prompt_template) must use too: a test checks it.
 PROMPT_TEMPLATE = "{question}\n"
 DATA_CONFIG = DataConfig(prompt_template=PROMPT_TEMPLATE, use_chat_template=False)
-# Enough for localisation_answer of a 9-step trace (~30 tokens); the preset's reset.localisation_max_tokens too.
-LOCALISATION_MAX_TOKENS = 48
+# Enough for localisation_answer of a 9-step trace (~110 tokens); the preset's reset.localisation_max_tokens too.
+LOCALISATION_MAX_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -57,26 +57,29 @@ def localisation_request(problem: ChainProblem, rng: random.Random) -> tuple[str
     return localisation_prompt(problem.question, steps, extract_answer(text)), wrong, len(steps)
 
 
-def localisation_answer(wrong_step: int) -> str:
-    """The reply SFT teaches: a verdict per step up to the first wrong one, then \\boxed{k} (what SRPO parses):
+def localisation_answer(problem: ChainProblem, wrong_step: int) -> str:
+    """The reply SFT teaches to SRPO's localisation request: the model re-derives each step itself, compares it
+    with the attempt's, and stops at the first that differs, then boxes its number (what SRPO parses):
 
-        1 ok
-        2 ok
-        3 wrong
+        1: 14*3=42 ok
+        2: 42-8=34 ok
+        3: 34+5=39 wrong
         \\boxed{3}
 
-    One step checked per line is the computation the model already does when it solves a step; naming k in a
-    single token would need every step checked at once in one forward pass, which a model this small does not learn
-    from a few thousand examples. The reference SRPO also lets the model reason before it boxes."""
-    return "".join(f"{i} ok\n" for i in range(1, wrong_step)) + f"{wrong_step} wrong\n\\boxed{{{wrong_step}}}"
+    Re-deriving a step is the computation the model already learns when it solves, and comparing two equations is
+    a lookup, so localisation builds on the solving skill; naming k at once would need every step checked in one
+    forward pass. The reference SRPO, too, lets the model reason before it boxes."""
+    derived = problem.expert_steps() + [f"Answer: {problem.answer}"]
+    lines = [f"{i}: {derived[i - 1]} {'ok' if i < wrong_step else 'wrong'}\n" for i in range(1, wrong_step + 1)]
+    return "".join(lines) + f"\\boxed{{{wrong_step}}}"
 
 
 def localisation_example(tokenizer, problem: ChainProblem, rng: random.Random) -> Example:
     from resetrl.data import render_text
 
     message, wrong, _count = localisation_request(problem, rng)
-    target = tokenizer.encode(localisation_answer(wrong), add_special_tokens=False) + [tokenizer.eos_token_id]
-    return Example(render_text(tokenizer, DATA_CONFIG, message), target)
+    target = tokenizer.encode(localisation_answer(problem, wrong), add_special_tokens=False)
+    return Example(render_text(tokenizer, DATA_CONFIG, message), target + [tokenizer.eos_token_id])
 
 
 def _batch(examples: list[Example], pad_id: int):
@@ -138,16 +141,11 @@ def localisation_accuracy(model, tokenizer, problems: list[ChainProblem], seed: 
 
 
 def train_until_band(model, tokenizer, settings, holdout: list[ChainProblem], log: Callable[[str], None]) -> dict:
-    """SFT in two phases, checking greedy held-out accuracy every settings.eval_every steps:
-
-    1. solving only, until the accuracy first enters [band_low, band_high];
-    2. then `localisation_steps` more steps in which a `localisation_fraction` of the batches are localisation
-       examples, and on until a check finds the accuracy in the band again.
-    Localisation from the start was measured to slow the solving skill down several-fold (the requests are long
-    and their few answer tokens give large, noisy gradients), and it cannot be learned before the model can tell
-    a right step from a wrong one anyway. Stops early when a check overshoots the band, or when max_steps (or
-    max_seconds, when set) run out. Returns the SFT report, with wall and process CPU seconds: on a shared
-    machine the CPU time over the torch threads is the better estimate of the time alone.
+    """SFT until a check (every settings.eval_every steps) finds the greedy held-out accuracy in [band_low,
+    band_high]; it stops early when a check overshoots the band, or when max_steps (or max_seconds, when set) run
+    out. From step localisation_start on, a localisation_fraction of the batches are localisation examples.
+    Returns the SFT report, with wall and process CPU seconds: on a shared machine the CPU time over the torch
+    threads is the better estimate of the time alone.
     """
     import torch
 
@@ -164,11 +162,11 @@ def train_until_band(model, tokenizer, settings, holdout: list[ChainProblem], lo
 
     started, cpu_started, step, curve, losses = time.perf_counter(), time.process_time(), 0, [], []
     max_seconds = settings.max_seconds if settings.max_seconds is not None else float("inf")
-    accuracy, in_band, localisation_from, localisation_batches = 0.0, False, None, 0
+    accuracy, in_band, localisation_batches = 0.0, False, 0
     model.train()
     while step < settings.max_steps and time.perf_counter() - started < max_seconds:
         # A batch holds one kind: localisation requests are ~4x longer than traces, so trace batches stay short.
-        localising = localisation_from is not None and rng.random() < settings.localisation_fraction
+        localising = step >= settings.localisation_start and rng.random() < settings.localisation_fraction
         if localising:
             examples = [localisation_example(tokenizer, fresh_problem(), rng) for _ in range(settings.localisation_batch)]
         else:
@@ -191,19 +189,12 @@ def train_until_band(model, tokenizer, settings, holdout: list[ChainProblem], lo
         mean_loss = sum(losses) / max(len(losses), 1)  # solving batches since the last check
         losses.clear()
         curve.append({"step": step, "seconds": round(seconds, 1), "accuracy": round(accuracy, 4),
-                      "loss": round(mean_loss, 4), "localising": localisation_from is not None})
+                      "loss": round(mean_loss, 4)})
         log(f"sft step {step}: {seconds:.0f} s, solving loss {mean_loss:.3f}, held-out greedy accuracy {accuracy:.3f}")
-        if accuracy > settings.band_high:
-            break  # overshot between two checks: a smaller eval_every or lr is needed
+        in_band = settings.band_low <= accuracy <= settings.band_high
         if accuracy >= settings.band_low:
-            if localisation_from is None:
-                localisation_from = step
-                log(f"sft: in the band at step {step}; now {settings.localisation_steps} steps with localisation examples")
-            if step >= localisation_from + settings.localisation_steps:
-                in_band = True
-                break
+            break  # in the band, or overshot it between two checks (then a smaller eval_every or lr is needed)
     return {"steps": step, "seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": round(time.process_time() - cpu_started, 1), "torch_threads": torch.get_num_threads(),
             "accuracy": round(accuracy, 4), "in_band": in_band, "band": [settings.band_low, settings.band_high],
-            "localisation_from_step": localisation_from, "localisation_examples": localisation_batches *
-            settings.localisation_batch, "curve": curve}
+            "localisation_examples": localisation_batches * settings.localisation_batch, "curve": curve}

@@ -99,6 +99,16 @@ class ChaosRun:
         driver = psutil.Process(self.proc.pid)
         return [driver, *driver.children(recursive=True)]
 
+    def find(self, title: str) -> psutil.Process:
+        """The run's process whose command line (a process title, for Ray workers and redis-server) holds `title`."""
+        for process in self.processes():
+            try:
+                if title in " ".join(process.cmdline()):
+                    return process
+            except psutil.Error:  # gone meanwhile
+                pass
+        pytest.fail(f"no process of the run is titled {title!r}")
+
 
 def victim(run: ChaosRun, target: str) -> psutil.Process:
     info = run.info()
@@ -108,10 +118,9 @@ def victim(run: ChaosRun, target: str) -> psutil.Process:
         return psutil.Process(info["learner_pid"])
     if target == "redis":
         # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT"
-        port = info["redis_url"].rsplit(":", 1)[1].split("/")[0]
-        return next(p for p in run.processes() if f"redis-server 127.0.0.1:{port}" in " ".join(p.cmdline()))
+        return run.find(f"redis-server 127.0.0.1:{info['redis_url'].rsplit(':', 1)[1].split('/')[0]}")
     if target == "evaluator":
-        return next(p for p in run.processes() if " ".join(p.cmdline()).startswith("ray::Evaluator"))
+        return run.find("ray::Evaluator")
     raise ValueError(target)
 
 
