@@ -1,4 +1,4 @@
-"""One step's records -> this rank's packed micro-batches (docs/design.md, "The learner's step").
+"""One step's records -> this rank's packed micro-batches (docs/design.md, "The learner step").
 
 1. Units: the records of one prompt (its GRPO group, its reset groups, its supervised records) stay together: they
    share the prompt, so they pack well, and a group is never split across ranks.

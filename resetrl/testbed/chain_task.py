@@ -1,4 +1,4 @@
-"""Chain arithmetic: the synthetic task whose every step is checkable (docs/algorithms.md, "oracle").
+"""Chain arithmetic: the synthetic task whose every step is checkable (docs/algorithms.md, "Oracle").
 
 A problem is a start number and 4-8 operations applied left to right:
 
