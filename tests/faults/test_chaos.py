@@ -24,6 +24,8 @@ import psutil
 import pytest
 from safetensors import safe_open
 
+from resetrl.net import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -37,7 +39,7 @@ class ChaosRun:
                    "--config", str(REPO / "configs" / "tiny.yaml"), f"run_dir={run_dir}", "rollout.engine=hf",
                    f"total_steps={total_steps}", "rollout.num_workers=2", "queue.durable=true",
                    "learner.checkpoint_every=2", "learner.max_staleness=0", "learner.weight_channel=ray_object_store",
-                   "queue.claim_idle_ms=5000", *overrides]
+                   "queue.claim_idle_ms=5000", f"ray.dashboard_port={free_port()}", *overrides]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
