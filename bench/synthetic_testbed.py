@@ -118,7 +118,7 @@ def run_one(args, folder: Path, report: dict, method: str, seed: int, lr: float 
         f"model.name={folder}", f"data.path={folder / 'problems.jsonl'}", f"eval.holdout={report['holdout']}",
         f"algorithm.name={method}", f"seed={seed}", f"total_tokens={args.token_budget}",
         f"total_steps={args.max_steps}", f"eval.every={args.eval_every}", f"run_name=testbed-{label}",
-        f"run_dir={out / 'runs' / label}", *([f"learner.lr={lr}"] if lr is not None else []), *args.override,
+        f"run_dir={out / 'runs' / label}", *([f"learner.lr={lr:.6e}"] if lr is not None else []), *args.override,
     ]
     key = hashlib.sha256(json.dumps([str(PRESET), PRESET.read_text(), overrides]).encode()).hexdigest()[:16]
     summary_path = out / "runs" / f"{label}.summary.json"

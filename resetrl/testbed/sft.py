@@ -1,9 +1,10 @@
-"""SFT from scratch for the chain testbed: a small Llama learns to solve chains and to localise errors, and stops
-as soon as its greedy held-out accuracy enters the partial-competence band (docs/benchmarks.md, section 6).
+"""SFT from scratch for the chain testbed: a small Llama learns to solve chains and to localise errors (SRPO's
+own localisation request, answered by re-deriving the steps), and stops as soon as its greedy held-out accuracy
+enters the partial-competence band (docs/benchmarks.md, section 6).
 
 Training data are drawn fresh every batch (problems never repeat a held-out question), so the model cannot
-memorise; the only stop is the held-out check every `eval_every` steps (or the step/time cap). Plain torch,
-one process: this runs before any RL and needs nothing of Ray, Redis or DeepSpeed.
+memorise; the stop is the held-out check every `eval_every` steps (or the step cap). Plain torch, one process:
+this runs before any RL and needs nothing of Ray, Redis or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def train_until_band(model, tokenizer, settings, holdout: list[ChainProblem], lo
             pass
         return problem
 
-    started, cpu_started, step, curve, losses = time.perf_counter(), time.process_time(), 0, [], []
+    started, cpu_started, step, curve = time.perf_counter(), time.process_time(), 0, []
+    losses: dict[bool, list[float]] = {False: [], True: []}  # per batch kind (localising?), since the last check
     max_seconds = settings.max_seconds if settings.max_seconds is not None else float("inf")
     accuracy, in_band, localisation_batches = 0.0, False, 0
     model.train()
@@ -179,18 +181,18 @@ def train_until_band(model, tokenizer, settings, holdout: list[ChainProblem], lo
         warmup.step()
         optimizer.zero_grad(set_to_none=True)
         localisation_batches += localising
-        if not localising:
-            losses.append(loss.item())
+        losses[localising].append(loss.item())
         step += 1
         if step % settings.eval_every:
             continue
         accuracy = solving_accuracy(model, tokenizer, holdout, settings.max_new_tokens)
         seconds = time.perf_counter() - started
-        mean_loss = sum(losses) / max(len(losses), 1)  # solving batches since the last check
-        losses.clear()
+        solving_loss, localisation_loss = (round(sum(v) / len(v), 4) if v else None for v in (losses[False], losses[True]))
+        losses = {False: [], True: []}
         curve.append({"step": step, "seconds": round(seconds, 1), "accuracy": round(accuracy, 4),
-                      "loss": round(mean_loss, 4)})
-        log(f"sft step {step}: {seconds:.0f} s, solving loss {mean_loss:.3f}, held-out greedy accuracy {accuracy:.3f}")
+                      "loss": solving_loss, "localisation_loss": localisation_loss})
+        log(f"sft step {step}: {seconds:.0f} s, loss {solving_loss} (localisation {localisation_loss}), "
+            f"held-out greedy accuracy {accuracy:.3f}")
         in_band = settings.band_low <= accuracy <= settings.band_high
         if accuracy >= settings.band_low:
             break  # in the band, or overshot it between two checks (then a smaller eval_every or lr is needed)
