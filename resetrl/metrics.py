@@ -16,22 +16,20 @@ import math
 import re
 from pathlib import Path
 
+from resetrl.methods.base import ratio
+
 log = logging.getLogger(__name__)
 
 NAMESPACES = ("rollout", "learner", "eval", "system")
-
-
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
 
 
 def derived_rates(stats: dict, method=None) -> dict[str, float | None]:
     """Rates every method reports, plus the method's own (Method.derived_metrics), from the run's counters."""
     get = lambda name: float(stats.get(name, 0))  # noqa: E731
     rates = {
-        "reward_mean_rollout": _ratio(get("reward_sum"), get("rewards_scored")),
-        "tokens_per_trained_token": _ratio(get("tokens_generated"), get("tokens_trained")),
-        "discarded_token_fraction": _ratio(get("tokens_discarded"), get("tokens_generated")),
+        "reward_mean_rollout": ratio(get("reward_sum"), get("rewards_scored")),
+        "tokens_per_trained_token": ratio(get("tokens_generated"), get("tokens_trained")),
+        "discarded_token_fraction": ratio(get("tokens_discarded"), get("tokens_generated")),
     }
     if method is not None:
         for name, (_help, compute) in method.derived_metrics.items():

@@ -77,8 +77,9 @@ def superrl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids:
                     prompt_ids: list[list[int]]) -> list[ExperienceRecord]:
     algo = ctx.cfg.algorithm
     groups = outcome_groups(ctx, prompts, group_ids, prompt_ids, ctx.cfg.rollout.group_size)
+    # Only the "advantage" gate reads per-group advantages; the trained ones come from credit_groups below.
     advantages = [grpo_advantages(torch.tensor(g.rewards, dtype=torch.float32), std_normalize=algo.std_normalize).tolist()
-                  for g in groups]
+                  if algo.superrl.gate == "advantage" else None for g in groups]
     if algo.superrl.gate == "batch":
         gates = [batch_gate([g.rewards for g in groups], algo.superrl.batch_min_success)] * len(groups)
     else:

@@ -108,14 +108,9 @@ def test_a_hanging_or_garbage_verifier_scores_0_and_the_worker_carries_on(
     actor.close()
 
 
-def test_bad_experience_entries_are_dead_lettered_and_the_step_trains_on_the_good_ones(
-    redis_server, redis_client, tiny_path, tmp_path
-):
-    cfg = config("bad-experience")
-    keys = RunKeys(cfg.run_name)
-    learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
-    queue = StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
-    good = [
+def good_records() -> list[ExperienceRecord]:
+    """Two well-formed records of one prompt, advantages -1 and +1: a step that trains on them is finite."""
+    return [
         ExperienceRecord(
             record_id=f"r{i}", prompt_id="p", group_id="g", method="grpo", policy_version=0,
             token_ids=np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), prompt_length=3,
@@ -125,6 +120,16 @@ def test_bad_experience_entries_are_dead_lettered_and_the_step_trains_on_the_goo
         )
         for i in range(2)
     ]
+
+
+def test_bad_experience_entries_are_dead_lettered_and_the_step_trains_on_the_good_ones(
+    redis_server, redis_client, tiny_path, tmp_path
+):
+    cfg = config("bad-experience")
+    keys = RunKeys(cfg.run_name)
+    learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
+    queue = StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
+    good = good_records()
     # The bad entries are other prompts' records: a dead-lettered record settles its prompt in the ledger.
     bad = ExperienceRecord(**{**good[0].__dict__, "record_id": "bad", "prompt_id": "p-bad", "group_id": "g-bad"})
     out_of_vocab = ExperienceRecord(**{**bad.__dict__, "record_id": "bad-ids",
@@ -158,16 +163,7 @@ def test_a_poison_record_is_dead_lettered_with_its_reason_and_the_learner_carrie
     keys = RunKeys(cfg.run_name)
     learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
     queue = StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
-    good = [
-        ExperienceRecord(
-            record_id=f"r{i}", prompt_id="p", group_id="g", method="grpo", policy_version=0,
-            token_ids=np.array([1, 2, 3, 4, 5, 6], dtype=np.int32), prompt_length=3,
-            loss_mask=np.array([0, 0, 0, 1, 1, 1], dtype=np.uint8),
-            advantages=np.array([0, 0, 0, 1, 1, 1], dtype=np.float32) * (1 if i else -1),
-            behaviour_logprobs=np.array([0, 0, 0, -10, -10, -10], dtype=np.float32), reward=float(i), temperature=1.0,
-        )
-        for i in range(2)
-    ]
+    good = good_records()
     # Another prompt's record: a dead-lettered record settles its prompt in the ledger.
     template = encode_experience(ExperienceRecord(**{**good[0].__dict__, "record_id": "poison",
                                                      "prompt_id": "p-poison", "group_id": "g-poison"}))
