@@ -129,20 +129,44 @@ def scale(
     run_name: str = typer.Option("run", "--run-name"),
 ) -> None:
     """Add or remove rollout workers of a running job; a removed worker first finishes the prompts it holds."""
-    from resetrl.run_state import set_desired_workers, stop_requested, worker_count
+    from resetrl.run_state import set_desired_workers
 
     if workers < 1:
         typer.echo(f"error: --workers {workers}: a job needs at least 1 rollout worker", err=True)
         raise typer.Exit(2)
     client, keys = _run_redis(run_dir, redis_url, run_name)
+    running = _running_workers(client, keys)
+    set_desired_workers(client, keys, workers)
+    # The driver applies it within a second; `resetrl status` shows the workers as they join or retire.
+    typer.echo(json.dumps({"run_name": keys.run_name, "workers_desired": workers, "workers_running": running}))
+
+
+@app.command()
+def stop(
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="a run directory (reads run.json there)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="the run's Redis"),
+    run_name: str = typer.Option("run", "--run-name"),
+) -> None:
+    """End a running job after its current step, as if it had reached total_steps: a last checkpoint, every
+    trained record acknowledged, the summary written (ended_by: "resetrl stop"). Ctrl-C stops at once instead."""
+    from resetrl.run_state import request_finish
+
+    client, keys = _run_redis(run_dir, redis_url, run_name)
+    _running_workers(client, keys)
+    request_finish(client, keys)
+    typer.echo(json.dumps({"run_name": keys.run_name, "stopping": "after the current step"}))
+
+
+def _running_workers(client, keys) -> int:
+    """The running job's worker count; exit 1 with what to check when no job of that name is running."""
+    from resetrl.run_state import stop_requested, worker_count
+
     running = worker_count(client, keys)
     if running is None or stop_requested(client, keys):
         typer.echo(f"error: no running job '{keys.run_name}' in that Redis (finished, stopping, or still starting "
                    "its workers; check --run-name / `resetrl status`)", err=True)
         raise typer.Exit(1)
-    set_desired_workers(client, keys, workers)
-    # The driver applies it within a second; `resetrl status` shows the workers as they join or retire.
-    typer.echo(json.dumps({"run_name": keys.run_name, "workers_desired": workers, "workers_running": running}))
+    return running
 
 
 def _run_redis(run_dir: Optional[Path], redis_url: Optional[str], run_name: str):

@@ -38,7 +38,7 @@ from resetrl.record import PromptRecord, encode_prompt
 from resetrl.redis_server import EmbeddedRedis
 from resetrl.worker_logs import SETUP_HOOK, actor_options
 from resetrl.run_state import (
-    EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, desired_workers, ledger_summary, mark_train_started, prepare_resume,
+    EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, desired_workers, finish_requested, ledger_summary, mark_train_started, prepare_resume,
     prompts_fed, read_stats, request_stop, wipe_run,
 )
 from resetrl.weights import WEIGHTS_FILE
@@ -393,7 +393,7 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
     queues = lambda: {"prompts": prompt_queue.depth(), "experience": experience_queue.depth()}  # noqa: E731
     view = RunDisplay(cfg.total_steps, cfg.run_path, run_header(cfg, services.dashboard_url))
     with view:
-        while step < cfg.total_steps and not generation_budget_spent(cfg, tokens_generated_curve):
+        while (ended_by := _end_reason(cfg, step, tokens_generated_curve, client, keys)) is None:
             feeder.feed_until(_feed_target(cfg, step, read_stats(client, keys), starved_batches))
             pending = services.learner.train_step.remote(timeout_s=5.0)
             while True:
@@ -450,6 +450,7 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
                         eval_results=held_out.results if held_out is not None else None)
     return {
         "steps": step,
+        "ended_by": ended_by,
         "policy_version": version,
         "reward_mean_first": rewards[0] if rewards else None,
         "reward_mean_last": rewards[-1] if rewards else None,
@@ -461,6 +462,17 @@ def _train_loop(cfg, services, client, keys, prompt_queue, experience_queue, pro
         "tokens_generated_curve": tokens_generated_curve,
         "generate_seconds_curve": generate_seconds_curve,
     }
+
+
+def _end_reason(cfg: RunConfig, step: int, tokens_generated_curve: list[int], client, keys: RunKeys) -> str | None:
+    """Why the train loop ends before the next step, or None while it goes on."""
+    if step >= cfg.total_steps:
+        return "total_steps"
+    if generation_budget_spent(cfg, tokens_generated_curve):
+        return "total_tokens"
+    if finish_requested(client, keys):
+        return "resetrl stop"
+    return None
 
 
 def _start_evaluator(cfg: RunConfig, services: RunServices, model_path: str, redis_url: str,

@@ -91,6 +91,11 @@ class RunKeys:
         return f"{self.prefix}:workers"
 
     @property
+    def finish(self) -> str:
+        """Set by `resetrl stop`: the train loop ends after its current step, as it does at total_steps."""
+        return f"{self.prefix}:finish"
+
+    @property
     def started_at(self) -> str:
         """Unix time the run's train loop started (throughput in `resetrl status`)."""
         return f"{self.prefix}:started_at"
@@ -120,6 +125,14 @@ def stop_requested(client: redis.Redis, keys: RunKeys) -> bool:
 
 def request_stop(client: redis.Redis, keys: RunKeys) -> None:
     client.set(keys.stop, b"1")
+
+
+def finish_requested(client: redis.Redis, keys: RunKeys) -> bool:
+    return bool(client.exists(keys.finish))
+
+
+def request_finish(client: redis.Redis, keys: RunKeys) -> None:
+    client.set(keys.finish, b"1")
 
 
 def retire_requested(client: redis.Redis, keys: RunKeys, worker_index: int) -> bool:
@@ -181,7 +194,7 @@ def wipe_run(client: redis.Redis, keys: RunKeys) -> None:
 def prepare_resume(client: redis.Redis, keys: RunKeys) -> None:
     """A resumed run keeps streams, pending entries and counters; it forgets the stop flag and the published weights
     (the learner republishes its checkpoint's, which may be older than the last ones published)."""
-    client.delete(keys.stop, keys.weights, keys.learner_version)
+    client.delete(keys.stop, keys.finish, keys.weights, keys.learner_version)
 
 
 def mark_train_started(client: redis.Redis, keys: RunKeys) -> None:
