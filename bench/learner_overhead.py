@@ -41,7 +41,7 @@ from resetrl.data import build_prompts, render_prompt
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import ExperienceRecord, encode_experience
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.launch.redis_server import EmbeddedRedis
 from resetrl.run_state import EXPERIENCE_GROUP, RunKeys
 
 GOAL = 2.0  # the learner at least 2x the bare unshared loop on the default job's GRPO batches

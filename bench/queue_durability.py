@@ -24,7 +24,7 @@ from _common import machine, stats, write_results
 from queue_throughput import make_records
 from resetrl.queue import Mark, StreamQueue, connect
 from resetrl.record import PromptRecord, encode_experience, encode_prompt
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.launch.redis_server import EmbeddedRedis
 from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys
 
 SERVERS = {"memory": {"durable": False}, "aof_everysec": {"durable": True, "fsync": "everysec"},

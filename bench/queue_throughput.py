@@ -25,7 +25,7 @@ import numpy as np
 from _common import interleaved, machine, ratio_bars, stats, write_results
 from resetrl.queue import PAYLOAD_FIELD, StreamQueue, connect
 from resetrl.record import ExperienceRecord, decode_experience, encode_experience
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.launch.redis_server import EmbeddedRedis
 
 
 def make_records(count: int, tokens: int, prompt_length: int, seed: int = 0) -> list[ExperienceRecord]:

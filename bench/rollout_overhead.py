@@ -25,7 +25,7 @@ from resetrl.data import build_prompts, render_prompt
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import encode_prompt
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.launch.redis_server import EmbeddedRedis
 from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys
 
 GOAL = 0.90

@@ -32,7 +32,7 @@ import time
 from _common import TINY, load_cfg, machine, stats, write_results
 from resetrl.models import resolve_model
 from resetrl.queue import connect
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.launch.redis_server import EmbeddedRedis
 from resetrl.run_state import RunKeys
 from resetrl.actors.engines.weight_receivers import RayObjectStoreWeightReceiver, SharedFolderWeightReceiver
 from resetrl.weights import RayObjectStoreWeightChannel, SharedFolderWeightChannel, unique_tensors

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from resetrl.redis_server import free_port
+from resetrl.net import free_port
 
 DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/resetrl/torch_extensions"
 # How long a rank waits in a collective (ranks > 0 wait in every step's broadcast while rank 0 reads the stream):
@@ -24,7 +24,7 @@ def init_distributed(rank: int = 0, world_size: int = 1, master_addr: str | None
                       master_port: int | None = None) -> None:
     """Join the learner's torch.distributed group (deepspeed.initialize needs one even for a single rank).
 
-    One rank makes its own group on loopback; several need rank 0's address and a port (learner/group.py)."""
+    One rank makes its own group on loopback; several need rank 0's address and a port (resetrl/launch/learner_group.py)."""
     # The first init builds DeepSpeed's shm comm op (~70-90 s on 2 cores); a cache directory that survives makes
     # every later start take well under a second.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(DEFAULT_TORCH_EXTENSIONS_DIR).expanduser()))

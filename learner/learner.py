@@ -1,7 +1,7 @@
 # Over 400 lines: one rank's step, publishing, checkpoint and resume; intake, objective, packing, LoRA, distributed are modules of their own.
 """The learner: reads experience from the Redis stream, takes DeepSpeed optimizer steps, publishes weights.
 
-A plain class; the driver runs it as Ray actors through learner/group.py. One step reads top to bottom
+A plain class; the driver runs it as Ray actors through resetrl/launch/learner_group.py. One step reads top to bottom
 (docs/design.md): collect records -> micro-batches -> loss -> backward -> optimizer step -> publish weights -> ack.
 
 Several ranks (learner.world_size > 1): one torch.distributed group, DeepSpeed data parallelism (ZeRO 0-3). Rank 0

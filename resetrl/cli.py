@@ -48,7 +48,7 @@ def train(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    from resetrl.driver import RunAborted, train as run_training
+    from resetrl.launch.driver import RunAborted, train as run_training
 
     # SIGTERM (kill, Kubernetes, `ray job stop`) stops the run as Ctrl-C does: actors, learner, Ray and Redis.
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -206,7 +206,7 @@ def submit(
     env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job's environment (repeatable)"),
 ) -> None:
     """Run `resetrl train` on an existing Ray cluster as a Ray Job; exits 0 when the job SUCCEEDED."""
-    from resetrl.submit import SubmitError, submit as submit_job
+    from resetrl.launch.submit import SubmitError, submit as submit_job
 
     try:
         cfg = load_config(config, overrides or [])

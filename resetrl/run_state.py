@@ -95,6 +95,10 @@ class RunKeys:
         """Set by `resetrl stop`: the train loop ends after its current step, as it does at total_steps."""
         return f"{self.prefix}:finish"
 
+    def cpu_leases(self, host: str) -> str:
+        """A hash per host: role -> "threads expiry" (resetrl/thread_budget.py: CPU-only hosts share their cores)."""
+        return f"{self.prefix}:cpu:{host}"
+
     @property
     def started_at(self) -> str:
         """Unix time the run's train loop started (throughput in `resetrl status`)."""
@@ -133,6 +137,24 @@ def finish_requested(client: redis.Redis, keys: RunKeys) -> bool:
 
 def request_finish(client: redis.Redis, keys: RunKeys) -> None:
     client.set(keys.finish, b"1")
+
+
+def live_cpu_leases(client: redis.Redis, keys: RunKeys, host: str, now: float) -> dict[str, int]:
+    """Role -> torch threads of every lease on `host` that has not expired by `now`."""
+    live = {}
+    for role, value in client.hgetall(keys.cpu_leases(host)).items():
+        threads, expiry = value.decode().split()
+        if float(expiry) > now:
+            live[role.decode()] = int(threads)
+    return live
+
+
+def hold_cpu_lease(client: redis.Redis, keys: RunKeys, host: str, role: str, threads: int, expiry: float) -> None:
+    client.hset(keys.cpu_leases(host), role, f"{threads} {expiry}")
+
+
+def drop_cpu_lease(client: redis.Redis, keys: RunKeys, host: str, role: str) -> None:
+    client.hdel(keys.cpu_leases(host), role)
 
 
 def retire_requested(client: redis.Redis, keys: RunKeys, worker_index: int) -> bool:

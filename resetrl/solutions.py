@@ -50,6 +50,7 @@ def last_boxed(solution: str) -> str | None:
     return None
 
 
-def expert_solution_text(steps: list[str], answer: str) -> str:
-    """The expert solution as a training target (SuperRL's SFT), in the default prompt template's format."""
-    return "\n".join(steps) + f"\nAnswer: {answer}"
+def expert_solution_text(steps: list[str], answer: str, step_end: str = "\n") -> str:
+    """The expert solution as a training target (SuperRL's SFT): each step followed by `step_end`, then the answer
+    line; the default is the default prompt template's format ("step\nstep\nAnswer: X")."""
+    return "".join(step + step_end for step in steps) + f"Answer: {answer}"

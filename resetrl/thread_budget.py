@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from resetrl.run_state import RunKeys
+from resetrl.run_state import RunKeys, drop_cpu_lease, hold_cpu_lease, live_cpu_leases
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,9 @@ class ThreadBudget:
 
     def __init__(self, client, keys: RunKeys, role: str, *, cores: int, fixed: int | None = None,
                  host: str | None = None, load: Callable[[int], CpuSample | None] | None = cpu_sample):
-        self.client, self.role, self.cores, self.fixed = client, role, cores, fixed
+        self.client, self.keys, self.role, self.cores, self.fixed = client, keys, role, cores, fixed
         self.load = load  # how the outside load is sampled; None: leases only
-        self.key = f"{keys.prefix}:cpu:{host or socket.gethostname()}"
+        self.host = host or socket.gethostname()
         self.threads = self.initial = torch.get_num_threads()
         self.used: set[int] = set()  # thread counts run with since take_used()
         self._next_refresh = 0.0
@@ -118,23 +118,19 @@ class ThreadBudget:
     # ---- leases ---------------------------------------------------------------------------------------------------
     def _leases(self) -> dict[str, int]:
         """Live leases of the other roles: role -> threads."""
-        now, live = time.time(), {}
-        for role, value in self.client.hgetall(self.key).items():
-            role = role.decode() if isinstance(role, bytes) else role
-            threads, expiry = (value.decode() if isinstance(value, bytes) else value).split()
-            if role != self.role and float(expiry) > now:
-                live[role] = int(threads)
+        live = live_cpu_leases(self.client, self.keys, self.host, now=time.time())
+        live.pop(self.role, None)
         return live
 
     @contextmanager
     def busy(self):
         """Hold this role's lease (its current threads) while the block runs."""
         self.refresh(force=True)
-        self.client.hset(self.key, self.role, f"{self.threads} {time.time() + LEASE_S}")
+        hold_cpu_lease(self.client, self.keys, self.host, self.role, self.threads, expiry=time.time() + LEASE_S)
         try:
             yield self
         finally:
-            self.client.hdel(self.key, self.role)
+            drop_cpu_lease(self.client, self.keys, self.host, self.role)
 
     # ---- threads --------------------------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> int:

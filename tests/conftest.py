@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from resetrl.queue import connect  # noqa: E402
-from resetrl.redis_server import EmbeddedRedis  # noqa: E402
+from resetrl.launch.redis_server import EmbeddedRedis  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

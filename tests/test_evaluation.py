@@ -85,7 +85,7 @@ def test_evaluator_scores_held_out_problems_and_follows_published_weights(tmp_pa
 
 
 def test_generation_budget_stops_at_the_first_step_end_over_total_tokens():
-    from resetrl.driver import generation_budget_spent
+    from resetrl.launch.train_loop import generation_budget_spent
 
     budget = load_config(None, ["total_tokens=1000"])
     assert not generation_budget_spent(budget, [])

@@ -88,6 +88,16 @@ def test_superrl_sends_the_expert_solution_when_no_rollout_succeeds(tiny_hf):
     assert len([r for r in records if r.method == "superrl"]) == 4
 
 
+def test_superrl_writes_the_expert_steps_in_the_configured_step_format(tiny_hf):
+    # The chain testbed's policy closes each step with </step>: an expert target with newlines would teach it a
+    # format its verifier and step checker never see.
+    _, _, _, _, _, records = run(tiny_hf, superrl_rollout, {"name": "superrl", "superrl": {"step_end": "</step>"}},
+                                 verify=lambda t, p: 0.0, with_steps=(True,))
+    [sft] = [r for r in records if r.method == "superrl-sft"]
+    text = tiny_hf[1].decode(sft.target_token_ids, skip_special_tokens=True)
+    assert text == "".join(step + "</step>" for step in STEPS) + "Answer: 20"
+
+
 def test_superrl_trains_pg_when_a_rollout_succeeds(tiny_hf):
     _, ctx, _, _, _, records = run(tiny_hf, superrl_rollout, {"name": "superrl"}, verify=lambda t, p: 1.0)
     assert {r.method for r in records} == {"superrl"} and len(records) == 12

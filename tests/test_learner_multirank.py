@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from resetrl.config import ConfigError, config_from_dict, load_config
-from resetrl.learner.group import LearnerGroup
+from resetrl.launch.learner_group import LearnerGroup
 from resetrl.learner.learner import Learner
 from resetrl.queue import StreamQueue
 from resetrl.record import ExperienceRecord, encode_experience
@@ -173,7 +173,7 @@ def _latest(client, run_name: str) -> str:
 
 @pytest.mark.slow
 def test_a_run_with_two_learner_ranks_loses_nothing(tmp_path):
-    from resetrl.driver import train
+    from resetrl.launch.driver import train
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", "rollout.engine=hf", "total_steps=2", "learner.world_size=2",

@@ -10,7 +10,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from resetrl.cli import app
-from resetrl.driver import PromptFeeder
+from resetrl.launch.train_loop import PromptFeeder
 from resetrl.queue import Mark, StreamQueue
 from resetrl.record import ExperienceRecord, PromptRecord, encode_experience
 from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, ledger_states, ledger_summary

@@ -114,6 +114,6 @@ def test_another_nodes_snapshot_path_is_resolved_again_here(hf_home):
 
 
 def test_the_driver_leaves_hf_hub_offline_to_the_user():
-    from resetrl.driver import _WORKER_ENV_DEFAULTS
+    from resetrl.launch.services import _WORKER_ENV_DEFAULTS
 
     assert "HF_HUB_OFFLINE" not in _WORKER_ENV_DEFAULTS and "TRANSFORMERS_OFFLINE" not in _WORKER_ENV_DEFAULTS

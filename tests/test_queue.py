@@ -63,7 +63,7 @@ def test_a_dead_consumers_entries_are_reclaimed_after_the_idle_time(redis_client
 import socket  # noqa: E402
 import threading  # noqa: E402
 
-from resetrl.driver import PromptFeeder  # noqa: E402
+from resetrl.launch.train_loop import PromptFeeder  # noqa: E402
 from resetrl.queue import Mark, connect  # noqa: E402
 from resetrl.record import PromptRecord, decode_prompt, encode_prompt  # noqa: E402
 from resetrl.run_state import PROMPT_GROUP, RunKeys, ledger_states, open_prompt_ids, prompts_fed  # noqa: E402

@@ -39,6 +39,8 @@ class SuperRLConfig(OptionsSection):
         "exp(-2 s_pg) L_PG + exp(-2 s_sft) L_SFT + s_pg + s_sft"
     )
     uncertainty_lr: float = Field(1e-2, gt=0, description="learning rate of s_pg, s_sft (weighting=uncertainty)")
+    step_end: str = Field("\n", min_length=1, description="written after each expert step in the SFT target, before "
+                          "'Answer: X': the format the policy answers in (e.g. '</step>' where steps close with it)")
 
 
 @register_method
@@ -106,7 +108,8 @@ def superrl_rollout(ctx: RolloutContext, prompts: list[PromptRecord], group_ids:
 def _expert_record(ctx: RolloutContext, prompt: PromptRecord, group_id: str, ids: list[int], steps: list[str],
                    reward: float) -> ExperienceRecord:
     """Prompt + the expert solution (and the end-of-sequence token, so the model also learns where to stop)."""
-    target = ctx.tokenizer.encode(expert_solution_text(steps, prompt.answer), add_special_tokens=False)
+    step_end = ctx.cfg.algorithm.superrl.step_end
+    target = ctx.tokenizer.encode(expert_solution_text(steps, prompt.answer, step_end), add_special_tokens=False)
     if ctx.tokenizer.eos_token_id is not None:
         target.append(ctx.tokenizer.eos_token_id)
     return supervised_record(ctx, prompt=prompt, group_id=f"{group_id}/sft", method=f"{SuperRL.name}-sft",

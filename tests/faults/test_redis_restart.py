@@ -21,7 +21,7 @@ from resetrl.learner.learner import Learner
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue, connect
 from resetrl.record import ExperienceRecord, encode_experience
-from resetrl.redis_server import EmbeddedRedis
+from resetrl.launch.redis_server import EmbeddedRedis
 from resetrl.run_state import EXPERIENCE_GROUP, RunKeys, read_stats
 
 

@@ -132,7 +132,7 @@ def _broadcast_to_engine_on_second_gpu(kind, tiny_dir, tmp_path):
     from resetrl.actors.engines import SamplingSettings
     from resetrl.actors.engines.hf_engine import HFEngine
     from resetrl.queue import connect
-    from resetrl.redis_server import EmbeddedRedis
+    from resetrl.launch.redis_server import EmbeddedRedis
     from resetrl.run_state import RunKeys, read_stats
     from resetrl.weights import NcclWeightChannel
 
@@ -192,7 +192,7 @@ def test_zero3_learner_gathers_bucket_by_bucket_into_an_engine(tiny_dir, tmp_pat
     from resetrl.actors.engines.hf_engine import HFEngine
     from resetrl.actors.engines.weight_receivers import NcclWeightReceiver
     from resetrl.queue import connect
-    from resetrl.redis_server import EmbeddedRedis
+    from resetrl.launch.redis_server import EmbeddedRedis
     from resetrl.run_state import RunKeys, read_stats
     from resetrl.weights import NcclWeightChannel
 

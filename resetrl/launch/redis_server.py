@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import redis
-
-from resetrl.net import free_port  # learner/learner.py imports it from here too
+from resetrl.net import free_port
+from resetrl.queue import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +77,14 @@ class EmbeddedRedis:
         # Its own process group, so a Ctrl-C sent to the driver's group does not kill Redis before the driver
         # has finished with it; the driver stops it explicitly.
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    log_file = self.data_dir / "redis.log"
-                    tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-                    self._stop()
-                    raise RuntimeError(f"embedded redis-server did not start on port {self.port}:\n{tail}")
-                time.sleep(0.05)
-        client.close()
+        while unreachable(self.url, connect_timeout_s=0.5, timeout_s=1.0) is not None:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log_file = self.data_dir / "redis.log"
+                tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+                self._stop()
+                raise RuntimeError(f"embedded redis-server did not start on port {self.port}:\n{tail}")
+            time.sleep(0.05)
         return self
 
     def alive(self) -> bool:

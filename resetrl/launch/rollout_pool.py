@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import ray
 
 from resetrl.queue import StreamQueue
-from resetrl.ray_actors import kill_actor
+from resetrl.launch.ray_actors import kill_actor
 from resetrl.run_state import (
     RunKeys, forget_worker, incr_stats, read_heartbeats, request_retire, set_desired_workers, set_worker_count,
     start_worker_pool,
@@ -237,7 +237,7 @@ class RolloutPool:
     def _drop_dead(self, worker: RolloutWorker) -> None:
         """A worker `resetrl scale` added that died (e.g. out of memory while loading) costs the job that worker,
         not the job: the pool goes back to its size before, and the wanted count with it, so it is not re-added
-        in a loop. (The initial workers' deaths still stop the run: see driver._raise_if_rollout_died.)"""
+        in a loop. (The initial workers' deaths still stop the run: see train_loop._raise_if_rollout_died.)"""
         del self.workers[worker.index]
         try:
             ray.get(worker.run_ref)

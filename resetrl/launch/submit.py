@@ -4,7 +4,7 @@ The config is validated here first, so a bad key fails on the user's machine, no
 The job's runtime_env carries a working_dir holding just the config (and a relative `data.path` file), plus the
 offline environment; the entrypoint is `resetrl train` on the cluster, whose image or venv has resetrl installed.
 Inside the job the driver finds the cluster through RAY_ADDRESS (set by Ray's job supervisor, see
-`driver._start_ray`). We stream the job's logs and exit with its outcome, as `ray job submit` does.
+`services.start_ray`). We stream the job's logs and exit with its outcome, as `ray job submit` does.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from resetrl.config import RunConfig
 from resetrl.net import free_port
-from resetrl.ray_actors import kill_actor
+from resetrl.launch.ray_actors import kill_actor
 from resetrl.worker_logs import actor_options
 
 # How long the placement group may wait for its resources before the run gives up with an explanation.
