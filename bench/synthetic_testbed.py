@@ -187,7 +187,7 @@ def main() -> None:
         "load_average": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
         "machine": machine(), "statistics": "seeds paired; tokens/wall: median over seeds, bootstrap 95% CI of the "
         "median, null = not reached by the median seed; accuracies: mean over seeds, bootstrap 95% CI of the mean",
-        "table": compare_methods(runs),
+        "table": compare_methods(runs, reference="grpo"),
         "runs": {m: {s: _run_row(runs[m][s]) for s in args.seeds} for m in args.methods},
     }
     write(out, "summary", result, plot_curves(runs, result["table"], args.token_budget, report["sft"]["accuracy"]))

@@ -1,3 +1,4 @@
+# Over 400 lines: every Redis key of a run besides the streams, in one place (with queue.py, the only modules that speak Redis).
 """Names of a run's Redis keys, and every read and write of them outside the streams (resetrl/queue.py).
 
 Every role finds a run's streams and counters through `RunKeys`, so two runs can share one Redis.
