@@ -190,7 +190,8 @@ def main() -> None:
         "table": compare_methods(runs, reference="grpo"),
         "runs": {m: {s: _run_row(runs[m][s]) for s in args.seeds} for m in args.methods},
     }
-    write(out, "summary", result, plot_curves(runs, result["table"], args.token_budget, report["sft"]["accuracy"]))
+    # --quick is a check: it must not overwrite the multi-seed figures docs/benchmarks.md quotes.
+    write(out, "summary-quick" if args.mode == "quick" else "summary", result, plot_curves(runs, result["table"], args.token_budget, report["sft"]["accuracy"]))
     print_table(result["table"])
 
 
