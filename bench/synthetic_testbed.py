@@ -137,7 +137,13 @@ def run_one(args, folder: Path, report: dict, method: str, seed: int, lr: float 
     with log_path.open("w") as log:
         code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
+        # A method that cannot run here (the run stops with its reason, exit 1) is reported as failed, not dropped
+        # silently, and the comparison goes on without it; anything else stops the bench.
         tail = log_path.read_text()[-3000:]
+        if code == 1 and "error:" in tail:
+            reason = tail[tail.rindex("error:"):].strip()
+            print(f"{label} failed: {reason}", file=sys.stderr, flush=True)
+            return {"failed": reason, "exit_code": code, "log": str(log_path)}
         raise SystemExit(f"{label} failed (exit {code}); the run's output is in {log_path}:\n{tail}")
     summary = json.loads(summary_path.read_text())
     summary.update(bench_key=key, process_seconds=round(time.perf_counter() - started, 1),
@@ -177,6 +183,10 @@ def main() -> None:
         return lr_sweep(args, folder, report, out, load_start)
     check_methods(args.methods)
     runs = {m: {s: run_one(args, folder, report, m, s, args.lr, out) for s in args.seeds} for m in args.methods}
+    failed = {m: {s: r for s, r in by_seed.items() if "failed" in r} for m, by_seed in runs.items()}
+    failed = {m: by_seed for m, by_seed in failed.items() if by_seed}
+    runs = {m: {s: r for s, r in by_seed.items() if "failed" not in r} for m, by_seed in runs.items()}
+    runs = {m: by_seed for m, by_seed in runs.items() if by_seed}
     from resetrl.testbed.compare import compare_methods
 
     result = {
@@ -188,7 +198,8 @@ def main() -> None:
         "machine": machine(), "statistics": "seeds paired; tokens/wall: median over seeds, bootstrap 95% CI of the "
         "median, null = not reached by the median seed; accuracies: mean over seeds, bootstrap 95% CI of the mean",
         "table": compare_methods(runs, reference="grpo"),
-        "runs": {m: {s: _run_row(runs[m][s]) for s in args.seeds} for m in args.methods},
+        "runs": {m: {s: _run_row(summary) for s, summary in by_seed.items()} for m, by_seed in runs.items()},
+        "failed_runs": failed,  # method -> seed -> the reason the run gave
     }
     # --quick is a check: it must not overwrite the multi-seed figures docs/benchmarks.md quotes.
     write(out, "summary-quick" if args.mode == "quick" else "summary", result, plot_curves(runs, result["table"], args.token_budget, report["sft"]["accuracy"]))

@@ -72,6 +72,29 @@ def _feed_target(cfg: RunConfig, step: int, stats: dict, starved_batches: int) -
     return window + int(stats.get("prompts_without_records", 0)) + stale_prompts + starved_batches * per_step
 
 
+# A step's worth of prompts this many times over, all without a trainable record and no step in between, means the
+# method cannot learn from this policy and data (every sample malformed, every group's rewards equal): the run stops
+# and says why instead of feeding replacement prompts forever. Dynamic sampling at a 95% drop rate needs ~20x.
+STARVED_STEPS = 50
+
+
+def nothing_to_train(cfg: RunConfig, stats_at_step: dict, stats: dict) -> str | None:
+    """Why the run cannot go on, when the prompts done since the last step gave no trainable record for
+    STARVED_STEPS steps' worth of prompts; else None. The counters that grew meanwhile name the cause."""
+    empty = stats.get("prompts_without_records", 0) - stats_at_step.get("prompts_without_records", 0)
+    limit = STARVED_STEPS * cfg.learner.prompts_per_step
+    if empty < limit:
+        return None
+    grew = {name: value - stats_at_step.get(name, 0) for name, value in sorted(stats.items())
+            if any(word in name for word in ("malformed", "dropped", "without", "no_signal"))
+            and value - stats_at_step.get(name, 0) > 0}
+    return (f"the last {empty:g} prompts gave no trainable record ({limit} = {STARVED_STEPS} steps' worth of "
+            f"learner.prompts_per_step, no step in between), so the learner would wait forever. Counters since the "
+            f"last step: {', '.join(f'{k} +{v:g}' for k, v in grew.items())}. The {cfg.algorithm.name} method cannot "
+            "learn from this policy and data: check that the model answers in the format the method and verifier "
+            "expect (e.g. algorithm.srl.require_think), and that groups' rewards can differ")
+
+
 def generation_budget_spent(cfg: RunConfig, tokens_generated_by_step: list[int]) -> bool:
     """total_tokens is checked at step ends (tokens generated when each step ended), so a run stops on a whole step."""
     return bool(cfg.total_tokens and tokens_generated_by_step and tokens_generated_by_step[-1] >= cfg.total_tokens)
@@ -89,6 +112,7 @@ def train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prom
     tokens_generated_curve: list[int] = []
     generate_seconds_curve: list[float] = []  # the actors' summed generate_seconds counter
     step, version, last_metrics, starved_batches = start_step, start_step, None, 0
+    stats_at_step = read_stats(client, keys)  # the counters when the last step ended (or the loop began)
     loop_started = time.monotonic()
     mark_train_started(client, keys)  # throughput in `resetrl status`; a resumed run keeps the first start
     held_out = services.held_out_eval
@@ -108,6 +132,8 @@ def train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prom
                 view.update(step, stats=stats, elapsed=elapsed, queues=queues())
                 if done:
                     break
+                if problem := nothing_to_train(cfg, stats_at_step, stats):
+                    raise RunAborted(problem)
                 # `resetrl scale` writes the wanted worker count to Redis; one GET per poll is the whole cost.
                 pool.reconcile(desired_workers(client, keys))
                 if pool.poll():  # first: a dead worker that scale added is dropped there, not raised below
@@ -125,6 +151,7 @@ def train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prom
                     starved_batches += 1
                 continue
             step, version, last_metrics = metrics["step"], metrics["policy_version"], metrics
+            stats_at_step = read_stats(client, keys)
             rewards.append(metrics["reward_mean"])
             stats = read_stats(client, keys)
             elapsed = time.monotonic() - loop_started
