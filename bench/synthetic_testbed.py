@@ -197,7 +197,7 @@ def main() -> None:
         "load_average": {"start": load_start, "end": [round(v, 2) for v in os.getloadavg()]},
         "machine": machine(), "statistics": "seeds paired; tokens/wall: median over seeds, bootstrap 95% CI of the "
         "median, null = not reached by the median seed; accuracies: mean over seeds, bootstrap 95% CI of the mean",
-        "table": compare_methods(runs),
+        "table": compare_methods(runs, reference="grpo"),
         "runs": {m: {s: _run_row(summary) for s, summary in by_seed.items()} for m, by_seed in runs.items()},
         "failed_runs": failed,  # method -> seed -> the reason the run gave
     }

@@ -4,6 +4,7 @@ few SFT steps, cached by content hash) and the preset that trains on it."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,14 @@ def test_a_repeated_build_is_skipped_and_a_changed_setting_is_not(smoke_build):
     assert messages == [f"testbed: reusing {folder}"]
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert content_hash(TestbedSettings(**{**SMOKE.__dict__, "lr": SMOKE.lr * 2})) != folder.name
+
+
+def test_the_hash_covers_the_build_modules_and_every_module_is_named():
+    # A module the build imports but the hash leaves out would let a changed build reuse an old testbed.
+    from resetrl.testbed import build
+
+    package = Path(build.__file__).parent
+    assert sorted(build.BUILD_SOURCES + ("__init__.py", "compare.py")) == sorted(p.name for p in package.glob("*.py"))
 
 
 def test_the_preset_matches_the_testbed():

@@ -71,7 +71,7 @@ def test_compare_methods_pairs_seeds_with_grpo():
         "grpo": {0: summary([0.2, 0.3, 0.25]), 1: summary([0.2, 0.22, 0.4])},
         "oracle": {0: summary([0.2, 0.35, 0.4], counters=counters), 1: summary([0.2, 0.3, 0.3], counters=counters)},
     }
-    table = compare_methods(runs)
+    table = compare_methods(runs, reference="grpo")
     oracle, grpo = table["oracle"], table["grpo"]
     # seed 0: GRPO's best 0.3 -> oracle reaches it at 100 tokens; seed 1: GRPO's best 0.4 -> oracle never does
     assert oracle["tokens_to_grpo_best"]["values"] == [100, None]
@@ -84,4 +84,4 @@ def test_compare_methods_pairs_seeds_with_grpo():
     assert oracle["localisation_accuracy"] == 0.75 and oracle["g2_success_rate"] == 0.125
     assert oracle["discarded_token_fraction"] is None and grpo["localisation_accuracy"] is None
     with pytest.raises(ValueError, match="grpo"):
-        compare_methods({"oracle": runs["oracle"]})
+        compare_methods({"oracle": runs["oracle"]}, reference="grpo")

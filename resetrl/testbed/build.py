@@ -5,7 +5,7 @@ Hugging Face folder `~/.cache/resetrl/testbed/<hash>/` that `model.name=` and `d
     folder/problems.jsonl                                     RL problems, then the `holdout` held-out ones last
     folder/testbed.json                                       the settings and the SFT report (accuracy, seconds)
 
-The hash covers every setting, the source of this package, the localisation prompt's text and the tokenizer /
+The hash covers every setting, the source of the build's modules (BUILD_SOURCES), the localisation prompt's text and the tokenizer /
 transformers versions, so a changed setting or code builds anew and an unchanged one is skipped.
 """
 
@@ -75,6 +75,11 @@ class TestbedSettings:
         return ChainSpec(self.min_ops, self.max_ops, self.operators, self.max_start, self.max_value)
 
 
+# The modules a build runs; the hash covers their source, so a change to the task, tokenizer, SFT or build code makes
+# a new testbed. Not compare.py: analysing results must not invalidate a built testbed or the runs made on it.
+BUILD_SOURCES = ("build.py", "chain_task.py", "sft.py", "tokenizer.py")
+
+
 def content_hash(settings: TestbedSettings) -> str:
     import tokenizers
     import transformers
@@ -82,7 +87,7 @@ def content_hash(settings: TestbedSettings) -> str:
     from resetrl.algorithms.resets import localisation_prompt
 
     package = Path(__file__).parent
-    code = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(package.glob("*.py"))}
+    code = {name: hashlib.sha256((package / name).read_bytes()).hexdigest() for name in BUILD_SOURCES}
     spec = {
         "settings": dataclasses.asdict(settings), "code": code,
         # The prompt text the model is trained to answer: a reworded prompt needs a new model.

@@ -97,13 +97,13 @@ def curve_band(curves: Sequence[Sequence[EvalPoint]], grid: Sequence[float], x: 
     return {"x": list(grid), "mean": mean, "ci95_low": low, "ci95_high": high}
 
 
-def compare_methods(runs: dict[str, dict[int, dict]]) -> dict:
-    """Per method, from runs[method][seed] = summary (GRPO included, as the reference):
+def compare_methods(runs: dict[str, dict[int, dict]], reference: str) -> dict:
+    """Per method, from runs[method][seed] = summary (the `reference` method included: GRPO in the bench):
     tokens_to_grpo_best and wall_to_grpo_best (median over seeds, inf = not reached), accuracy_at_budget and
     accuracy_gain_vs_grpo (mean over seeds, paired by seed), and the reset counters pooled over seeds."""
-    if "grpo" not in runs:
-        raise ValueError("the comparison needs grpo runs: it is the reference")
-    grpo = {seed: eval_points(summary) for seed, summary in runs["grpo"].items()}
+    if reference not in runs:
+        raise ValueError(f"the comparison needs {reference} runs: it is the reference")
+    grpo = {seed: eval_points(summary) for seed, summary in runs[reference].items()}
     table = {}
     for method, by_seed in runs.items():
         seeds = sorted(seed for seed in by_seed if seed in grpo)
