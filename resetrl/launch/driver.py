@@ -123,7 +123,7 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
         summary["engine"] = engine_names[0]
         summary["resumed_from_step"] = start_step if resume else None
         request_stop(client, keys)
-        pool.wait_stopped(timeout_s=120)
+        summary["workers_stopped_mid_batch"] = pool.wait_stopped(timeout_s=120)
         summary.update(pool.summary())
         accounting = ray.get(services.learner.finish.remote())  # last checkpoint, every trained entry acked
         if services.held_out_eval is not None:

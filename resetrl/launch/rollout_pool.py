@@ -187,14 +187,23 @@ class RolloutPool:
                 self._finish_retired(worker)
         return changed
 
-    def wait_stopped(self, timeout_s: float) -> None:
-        """Once the run's stop flag is set: wait for every worker's run() to return; finish off retiring ones."""
+    def wait_stopped(self, timeout_s: float) -> int:
+        """Once the run's stop flag is set: wait up to timeout_s for every worker's run() to return (a worker's
+        error is the run's error) and finish off retiring ones. A worker still in the middle of a batch then (a long
+        generation: SRPO's localisation budget on a CPU) is left to the shutdown, which kills it; the prompts it
+        holds stay pending in Redis, where `--resume` takes them back. Returns how many were still running."""
         self.stopping = True
-        ray.get(self.active_runs, timeout=timeout_s)  # a running worker's error is the run's error
+        runs = self.active_runs
+        finished, running = ray.wait(runs, num_returns=len(runs), timeout=timeout_s) if runs else ([], [])
+        ray.get(finished)
+        if running:
+            self.say(f"{len(running)} rollout worker(s) still mid-batch {timeout_s:g} s after the run ended: stopped "
+                     "with the run; the prompts they hold stay queued for a resumed run")
         if self.retiring:  # their errors are not (see _finish_retired): wait without raising
             ray.wait([worker.run_ref for worker in self.retiring.values()], num_returns=len(self.retiring),
                      timeout=timeout_s)
         self.poll()
+        return len(running)
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _create(self, n: int, added: bool = False) -> list[int]:
