@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats of 2 prompts x 4 x ~32 tokens: a check")
     parser.add_argument("--override", action="append", default=[], help="extra config override key=value")
     args = parser.parse_args()
+    machine_at_start = machine()  # its load average is the one before the runs
     if args.quick:
         args.repeats, args.prompts, args.response_tokens = 3, 2, 32
     reset = args.batch == "reset"
@@ -219,7 +220,7 @@ def main() -> None:
                   "learner_torch_threads": cfg.learner.torch_threads, "zero_stage": cfg.learner.zero_stage,
                   "gradient_checkpointing": cfg.model.gradient_checkpointing, "repeats": args.repeats,
                   "quick": args.quick, "config": args.config, "overrides": args.override},
-        "machine": machine(),
+        "machine": machine_at_start,
         "learner_startup_seconds": round(startup, 2),
         "baseline_tokens_per_s": stats([b["tokens_per_s"] for b, _ in pairs]),
         "system_tokens_per_s": stats([s["tokens_per_s"] for _, s in pairs]),

@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="extra config override key=value (both)")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: run TRL once, write JSON here
     args = parser.parse_args()
+    machine_at_start = machine()  # its load average is the one before the runs
     if args.trl_worker:
         trl_worker(args)
         return
@@ -202,7 +203,7 @@ def main() -> None:
         "setup": {"config": str(args.config), "steps": args.steps, "repeats": args.repeats, "quick": args.quick,
                   "trl_threads": args.trl_threads, "resetrl_stop": args.resetrl_stop, "overrides": args.override,
                   "trl_version": __import__("trl").__version__, "resetrl_engine": runs["resetrl"][0].get("engine")},
-        "machine": machine(),
+        "machine": machine_at_start,
         "resetrl_s_per_step": stats([r["s_per_step"] for r in runs["resetrl"]]),
         "trl_s_per_step": stats([r["s_per_step"] for r in runs["trl"]]),
         "resetrl_s_per_step_with_first": stats([r["s_per_step_with_first"] for r in runs["resetrl"]]),
