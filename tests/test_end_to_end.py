@@ -88,9 +88,14 @@ def test_tiny_preset_trains_end_to_end(tmp_path, engine):
     assert summary["engine"] == engine
     assert summary["steps"] == 3 and summary["policy_version"] >= 2
     assert summary["samples_trained"] > 0
-    # Accounting: every generated sample was trained or counted as dropped; nothing is left over.
-    assert summary["samples_generated"] == summary["samples_trained"] + summary["queue_dropped_stale"]
-    assert summary["samples_left_in_queue"] == 0
+    # Accounting: every generated sample was trained, counted as dropped, or is still queued. Something is left over
+    # only after stale drops: the driver feeds a replacement for each dropped prompt, and one fed near the last step
+    # is generated after it (seen on a loaded machine: 40 generated, 24 trained, 8 dropped as stale).
+    assert summary["samples_generated"] == (summary["samples_trained"] + summary["queue_dropped_stale"]
+                                            + summary["samples_left_in_queue"])
+    if summary["queue_dropped_stale"] == 0:
+        assert summary["samples_left_in_queue"] == 0
+    assert summary["prompts_lost"] == 0 and summary["duplicates_trained"] == 0
     assert summary["samples_trained"] >= 3 * 2 * 4  # 3 steps x 2 prompts x group of 4
     # The actors loaded published weights (policy version advanced on the rollout side).
     assert summary["weight_loads"] >= 1
