@@ -151,9 +151,8 @@ def train_loop(cfg, services, client, keys, prompt_queue, experience_queue, prom
                     starved_batches += 1
                 continue
             step, version, last_metrics = metrics["step"], metrics["policy_version"], metrics
-            stats_at_step = read_stats(client, keys)
             rewards.append(metrics["reward_mean"])
-            stats = read_stats(client, keys)
+            stats = stats_at_step = read_stats(client, keys)
             elapsed = time.monotonic() - loop_started
             step_end_seconds.append(round(elapsed, 3))
             learner_train_seconds.append(round(metrics.get("train_seconds", 0.0), 3))

@@ -122,16 +122,25 @@ def good_records() -> list[ExperienceRecord]:
     ]
 
 
+def learner_and_queue(run_name: str, redis_server, redis_client, tiny_path, tmp_path):
+    """A learner of the tiny model on run `run_name`, and a producer on its experience stream."""
+    cfg = config(run_name)
+    keys = RunKeys(cfg.run_name)
+    learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
+    return keys, learner, StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
+
+
+def other_prompts_record(good: ExperienceRecord, name: str) -> ExperienceRecord:
+    """`good` as the record of another prompt: a dead-lettered record settles its own prompt in the ledger."""
+    return ExperienceRecord(**{**good.__dict__, "record_id": name, "prompt_id": f"p-{name}", "group_id": f"g-{name}"})
+
+
 def test_bad_experience_entries_are_dead_lettered_and_the_step_trains_on_the_good_ones(
     redis_server, redis_client, tiny_path, tmp_path
 ):
-    cfg = config("bad-experience")
-    keys = RunKeys(cfg.run_name)
-    learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
-    queue = StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
+    keys, learner, queue = learner_and_queue("bad-experience", redis_server, redis_client, tiny_path, tmp_path)
     good = good_records()
-    # The bad entries are other prompts' records: a dead-lettered record settles its prompt in the ledger.
-    bad = ExperienceRecord(**{**good[0].__dict__, "record_id": "bad", "prompt_id": "p-bad", "group_id": "g-bad"})
+    bad = other_prompts_record(good[0], "bad")
     out_of_vocab = ExperienceRecord(**{**bad.__dict__, "record_id": "bad-ids",
                                        "token_ids": np.array([1, 2, 3, 4, 5, 10**8], dtype=np.int32)})
     queue.put_many([b"garbage", wrong_version(encode_experience(bad)), encode_experience(out_of_vocab),
@@ -159,14 +168,9 @@ def test_a_poison_record_is_dead_lettered_with_its_reason_and_the_learner_carrie
 ):
     # Before issue 13, policy_version "7" passed the learner's checks and raised TypeError in its staleness check:
     # the entry stayed pending and crashed the learner again on every --resume.
-    cfg = config("poison-experience")
-    keys = RunKeys(cfg.run_name)
-    learner = Learner(cfg, str(tiny_path), redis_server.url, weights_root=str(tmp_path / "weights"))
-    queue = StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "producer")
+    keys, learner, queue = learner_and_queue("poison-experience", redis_server, redis_client, tiny_path, tmp_path)
     good = good_records()
-    # Another prompt's record: a dead-lettered record settles its prompt in the ledger.
-    template = encode_experience(ExperienceRecord(**{**good[0].__dict__, "record_id": "poison",
-                                                     "prompt_id": "p-poison", "group_id": "g-poison"}))
+    template = encode_experience(other_prompts_record(good[0], "poison"))
     queue.put_many([
         poisoned(template, fields={"policy_version": "7"}),
         poisoned(template, advantages=np.array([0, 0, 0, np.nan, 1, 1])),
