@@ -30,7 +30,7 @@ from resetrl.actors.engines.lora import engine_lora
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
-from resetrl.queue import StreamEntry, StreamQueue, connect
+from resetrl.queue import Mark, StreamEntry, StreamQueue, connect
 from resetrl.record import WireFormatError, decode_prompt, encode_experience
 from resetrl.run_state import (
     PROCESSING_RECORDS, PROCESSING_TAG, PROMPT_GROUP, RunKeys, incr_stats, retire_requested,
@@ -278,8 +278,10 @@ class RolloutActor:
                 bad_entries.append(entry)
                 reasons.append(str(exc))
         if bad_entries:
-            # Kept with the reason in <stream>:dead and acknowledged: never retried, never silently gone.
-            self.prompts.dead_letter(bad_entries, reasons)
+            # Kept with the reason in <stream>:dead and acknowledged: never retried, never silently gone; the prompt
+            # id the feed named beside the payload settles in the ledger as dead-lettered in the same transaction.
+            self.prompts.dead_letter(bad_entries, reasons, marks=[
+                Mark(entry.prompt_id, "dead_lettered", entry.entry_id) for entry in bad_entries if entry.prompt_id])
             incr_stats(self.client, self.keys, prompts_rejected=len(bad_entries))
         if not prompts:
             return {"prompts": 0, "samples": 0, "tokens": 0}

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import redis
 
 PAYLOAD_FIELD = b"r"
+# A fed prompt entry also names its prompt id in a plain field, so a worker that cannot decode the payload (another
+# format version, corrupt bytes) can still settle that prompt id in the ledger as dead-lettered, not leave it lost.
+PROMPT_ID_FIELD = b"p"
 
 # A fed prompt id's terminal states in the ledger: exactly one per prompt id, set once (LedgerKeys).
 TERMINAL_STATES = ("trained", "dropped_stale", "dropped_no_signal", "dead_lettered")
@@ -33,6 +36,13 @@ FED = "fed"  # the ledger value of a prompt id fed and not yet settled
 class StreamEntry:
     entry_id: str
     payload: bytes
+    prompt_id: str | None = None  # a fed prompt entry's PROMPT_ID_FIELD; None elsewhere
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
+    prompt_id = fields.get(PROMPT_ID_FIELD)
+    return StreamEntry(entry_id.decode(), fields.get(PAYLOAD_FIELD, b""),
+                       prompt_id.decode("utf-8", "replace") if prompt_id else None)
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,8 @@ local cursor = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cursor ~= tonumber(ARGV[1]) then return cursor end
 local n = tonumber(ARGV[2])
 for i = 1, n do
-  redis.call('XADD', KEYS[1], '*', 'r', ARGV[2 + i])
   local prompt = ARGV[2 + n + i]
+  redis.call('XADD', KEYS[1], '*', 'r', ARGV[2 + i], 'p', prompt)
   if redis.call('HSETNX', KEYS[3], prompt, 'fed') == 1 then redis.call('SADD', KEYS[6], prompt) end
 end
 redis.call('SET', KEYS[2], cursor + n)
@@ -245,7 +255,7 @@ class StreamQueue:
             for entry_id, fields in items:
                 # A pending entry that was deleted meanwhile comes back with no fields: nothing to do with it.
                 if fields:
-                    entries.append(StreamEntry(entry_id.decode(), fields.get(PAYLOAD_FIELD, b"")))
+                    entries.append(_entry(entry_id, fields))
         return entries
 
     def ack(self, entry_ids: list[str], marks: list[Mark] = ()) -> None:
@@ -346,7 +356,7 @@ class StreamQueue:
         reply = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, "0-0", count=count)
         # redis-py returns [next_id, entries] (Redis 6.2) or [next_id, entries, deleted_ids] (Redis 7).
         entries = reply[1] if reply else []
-        return [StreamEntry(entry_id.decode(), fields.get(PAYLOAD_FIELD, b"")) for entry_id, fields in entries if fields]
+        return [_entry(entry_id, fields) for entry_id, fields in entries if fields]
 
     def depth(self) -> int:
         return int(self.client.xlen(self.stream))

@@ -19,7 +19,7 @@ from resetrl.learner.learner import Learner
 from resetrl.models import resolve_model
 from resetrl.queue import StreamQueue
 from resetrl.record import ExperienceRecord, PromptRecord, decode_experience, encode_experience, encode_prompt
-from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, read_stats
+from resetrl.run_state import EXPERIENCE_GROUP, PROMPT_GROUP, RunKeys, ledger_summary, read_stats
 from resetrl.verifiers import register
 from resetrl.verifiers.guard import abandoned_threads
 
@@ -65,10 +65,12 @@ def test_bad_prompt_entries_are_dead_lettered_and_the_good_one_is_used(redis_ser
     cfg = config("bad-prompts")
     keys = RunKeys(cfg.run_name)
     actor = RolloutActor(cfg, 0, str(tiny_path), redis_server.url, str(tmp_path / "weights"))
-    prompts = StreamQueue(redis_client, keys.prompts, PROMPT_GROUP, "driver")
+    prompts = StreamQueue(redis_client, keys.prompts, PROMPT_GROUP, "driver", ledger=keys.ledger_keys)
     prompts.ensure_group()
     StreamQueue(redis_client, keys.experience, EXPERIENCE_GROUP, "driver").ensure_group()
-    prompts.put_many([b"\xff\xfe corrupt", wrong_version(encode_prompt(GOOD_PROMPT)), encode_prompt(GOOD_PROMPT)])
+    # Fed as the driver feeds (each prompt id enters the ledger), so the ledger must account for the bad two.
+    prompts.feed(keys.prompts_fed, 0, [b"\xff\xfe corrupt", wrong_version(encode_prompt(GOOD_PROMPT)),
+                                  encode_prompt(GOOD_PROMPT)], ["p-corrupt", "p-v99", GOOD_PROMPT.prompt_id])
 
     done = actor.process(actor.prompts.read(count=10))
     assert done["prompts"] == 1 and done["samples"] == 2
@@ -78,6 +80,9 @@ def test_bad_prompt_entries_are_dead_lettered_and_the_good_one_is_used(redis_ser
     assert "version 99" in dead[1]["reason"] and dead[1]["consumer"] == "rollout-0"
     assert read_stats(redis_client, keys)["prompts_rejected"] == 2
     assert prompts.depth() == 0 and prompts.pending_count() == 0  # all three acknowledged
+    # They were counted lost: the worker dead-lettered them without settling their prompt ids in the ledger.
+    ledger = ledger_summary(redis_client, keys)
+    assert ledger["dead_lettered"] == 2 and ledger["lost"] == 0, ledger
     actor.close()
 
 
