@@ -322,7 +322,8 @@ class LearnerConfig(_Section):
     max_restarts: int = Field(
         3, ge=0, description="Ray restarts of a learner that dies inside the run (world_size 1): the new process "
         "loads the newest checkpoint, replays the unacknowledged experience, re-publishes its weights and the run "
-        "goes on. With world_size > 1 a dead rank stops the run (its collectives cannot be rejoined): --resume"
+        "goes on. Needs learner.checkpoint_every > 0 (without checkpoints a dead learner stops the run). With "
+        "world_size > 1 a dead rank stops the run (its collectives cannot be rejoined): --resume"
     )
     weight_channel: Literal["shared_folder", "ray_object_store", "nccl"] = Field(
         "shared_folder", description="how new weights reach the engines (resetrl/weights.py). shared_folder: a "
@@ -409,7 +410,7 @@ class MonitorConfig(_Section):
         "metrics from Ray's service-discovery file; the driver prints its address"
     )
     prometheus_port: int = Field(9090, ge=1, le=65535, description="its port on 127.0.0.1 (a free one if taken)")
-    plots: bool = Field(True, description="write PNGs of the run's curves to RUN_DIR/plots when it ends")
+    plots: bool = Field(True, description="write PNGs of the run's curves to RUN_DIR/plots when it ends (a run stopped early included)")
 
 
 class WandbConfig(_Section):

@@ -41,6 +41,12 @@ class _AllRanks:
         return refs[0]
 
 
+def learner_restarts(cfg: RunConfig) -> int:
+    """How many times Ray may restart a dead single-rank learner. None without checkpoints: the new process would
+    begin again from the initial model while the ledger holds the earlier steps as trained."""
+    return cfg.learner.max_restarts if cfg.learner.checkpoint_every else 0
+
+
 class LearnerGroup:
     def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str, resume: bool = False):
         # Imported here, not at the top: the rendezvous task's worker imports this module, and a worker process that
@@ -54,9 +60,9 @@ class LearnerGroup:
         if self.world_size == 1:
             # Ray restarts a learner that dies inside the run; it resumes from the newest checkpoint by itself
             # (Learner.__init__). Calls in flight when it died fail (the driver calls again); none is retried.
-            self.max_restarts = learner.max_restarts
+            self.max_restarts = learner_restarts(cfg)
             self.ranks = [actor_cls.options(num_cpus=learner.cpus, num_gpus=learner.gpus,
-                                            max_restarts=learner.max_restarts, **actor_options(cfg, "learner-rank0"))
+                                            max_restarts=self.max_restarts, **actor_options(cfg, "learner-rank0"))
                           .remote(cfg, model_path, redis_url, weights_root, resume=resume)]
             return
         self.max_restarts = 0  # a restarted rank could not rejoin the others' torch.distributed group

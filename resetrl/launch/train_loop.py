@@ -249,6 +249,11 @@ def _wait_for_restarted_learner(cfg: RunConfig, services: RunServices, error: Ex
     died = time.monotonic()
     reason = type(error).__name__  # Ray's messages run long; the actor's own log says more (RUN_DIR/logs)
     used = len(services.learner_restarts) + 1
+    if not cfg.learner.checkpoint_every:
+        raise RunAborted(f"the learner died ({reason}); this run keeps no checkpoints (learner.checkpoint_every=0), "
+                         "so a restarted learner would begin again from the initial model and what it trained would "
+                         "be lost. Set learner.checkpoint_every=N (e.g. 10) to have Ray restart it from the newest "
+                         "checkpoint") from None
     if used > services.learner.max_restarts:
         raise RunAborted(f"the learner died ({reason}) and its restarts are used up (learner.max_restarts="
                          f"{services.learner.max_restarts}); `resetrl train --resume {cfg.run_path}` continues from "

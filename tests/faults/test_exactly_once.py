@@ -154,3 +154,23 @@ def test_the_dedupe_state_in_a_checkpoint_does_not_grow_with_the_run(learner, re
         state.pop("counters")  # counter values are numbers that grow; what is kept per record or prompt must not
         sizes.append(len(json.dumps(state)) - len(str(step)))
     assert max(sizes) - min(sizes) <= 8, sizes
+
+
+def test_a_methods_random_draws_are_the_same_for_an_entry_whichever_worker_processes_it():
+    # RRPO's reset steps and SRL's instances come from entry_rng: two workers (two contexts, two processes' worth of
+    # other random state) processing the same prompt entry draw the same, so a replay given the same samples makes
+    # the same record ids; another entry or another run seed draws otherwise.
+    import random
+    from types import SimpleNamespace
+
+    from resetrl.methods.base import entry_rng
+
+    def draws(seed: int, group_id: str) -> list[int]:
+        random.seed()  # each worker's global random state differs (system entropy); it must not matter
+        ctx = SimpleNamespace(cfg=config_from_dict({"seed": seed}))
+        return [entry_rng(ctx, group_id).randrange(1_000_000) for _ in range(5)]
+
+    first = draws(0, "p1@1700000000000-0")
+    assert draws(0, "p1@1700000000000-0") == first
+    assert draws(0, "p1@1700000000000-1") != first
+    assert draws(1, "p1@1700000000000-0") != first

@@ -154,6 +154,18 @@ def test_learner_sigkill_then_resume(tmp_path, launch):
 
 
 @pytest.mark.slow
+def test_a_learner_without_checkpoints_is_not_restarted_from_scratch(tmp_path, launch):
+    # It was: Ray restarted it (learner.max_restarts=3 by default) and, with no checkpoint to load, the new process
+    # began again from the initial model at version 0 while the ledger held the earlier steps as trained.
+    run = launch(train_command(tmp_path, *tiny(tmp_path, "total_steps=30", "learner.checkpoint_every=0")))
+    run.wait_for("step 2/30")
+    os.kill(run_info(tmp_path)["learner_pid"], signal.SIGKILL)
+    assert run.finish(timeout_s=180) == 1, run.output[-4000:]
+    assert "keeps no checkpoints (learner.checkpoint_every=0)" in run.output, run.output[-4000:]
+    assert "Set learner.checkpoint_every=N" in run.output and "Traceback" not in run.output
+
+
+@pytest.mark.slow
 def test_a_lost_redis_without_aof_stops_the_run_plainly(tmp_path, launch):
     run = launch(train_command(tmp_path, *tiny(tmp_path, "total_steps=30", "queue.durable=false")))
     run.wait_for("step 1/30")
@@ -168,4 +180,6 @@ def test_a_lost_redis_without_aof_stops_the_run_plainly(tmp_path, launch):
     assert "queue.durable is false" in run.output and "are gone" in run.output
     assert "Traceback" not in run.output, run.output[-4000:]
     assert not (tmp_path / "summary.json").exists()
+    # It still leaves its pictures of the steps it took (plots were written only by runs that finished).
+    assert (tmp_path / "run" / "plots" / "reward.png").stat().st_size > 5000
     print(f"\nFAULT-FIGURES redis_lost_without_aof: faults=1 exit=1 kill_to_exit_s={stopped_s:.1f}")
