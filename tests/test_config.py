@@ -59,6 +59,16 @@ def test_presets_load(preset):
     load_config(CONFIGS / preset)
 
 
+def test_the_default_job_evaluates_held_out_problems_during_the_run():
+    # `make run` runs the Makefile's CONFIG: it must report held-out accuracy before, every few steps and after
+    # (issue "a run you can watch"), so its preset holds problems out and evaluates more than once.
+    makefile = (CONFIGS.parent / "Makefile").read_text()
+    default = next(line.split("?=")[1].strip() for line in makefile.splitlines() if line.startswith("CONFIG ?="))
+    cfg = load_config(CONFIGS.parent / default)
+    assert cfg.eval.holdout > 0
+    assert 0 < cfg.eval.every < cfg.total_steps
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
