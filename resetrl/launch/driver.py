@@ -51,6 +51,7 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
     wall_started = time.monotonic()
     summary: dict = {}
     sink: MetricsSink | None = None
+    finished = False
     try:
         model_path = str(resolve_model(cfg.model))
         if cfg.queue.redis_url:
@@ -158,12 +159,15 @@ def train(cfg: RunConfig, summary_path: str | Path | None = None, resume: bool =
             # export and the scrape after it: keep Ray up until one has happened (at most 40 s).
             services.prometheus.wait_for_scrape("ray_resetrl_learner_policy_version",
                                                 after=time.time() + RAY_EXPORT_INTERVAL_S, timeout_s=40)
+        finished = True
     except RedisGone as exc:  # the driver's own Redis call gave up: the embedded server is gone for good
         raise RunAborted(str(exc)) from None
     finally:
         shutdown(services)
         if sink is not None:
             sink.close()
+            if not finished and cfg.monitor.plots:  # a run that stops early still leaves its pictures so far
+                write_run_plots(run_dir, summary)
     summary["wall_seconds"] = round(time.monotonic() - wall_started, 2)
     summary["run_dir"] = str(run_dir)
     if cfg.monitor.plots:
