@@ -15,6 +15,8 @@ It takes long on CPU (each SmolLM2 step is about a minute on 2 cores); run it on
 
     python bench/algorithms.py --config configs/smollm2-arith-steps.yaml --token-budget 5000   # ~35 min on 2 cores
     python bench/algorithms.py --config configs/tiny.yaml --token-budget 600 --holdout 4 --eval-every 1  # smoke
+    # after a preset change only SRPO reads: read grpo's and rrpo's earlier runs back, run srpo again
+    python bench/algorithms.py --token-budget 20000 --run-dir DIR --reuse grpo,rrpo
 """
 
 from __future__ import annotations
@@ -58,6 +60,20 @@ def run_method(method: str, args, tmp: Path) -> dict:
     summary["process_seconds"] = round(time.perf_counter() - started, 1)
     summary["records_per_step"] = cfg.records_per_step
     (Path(args.run_dir) / f"{method}.summary.json").write_text(json.dumps(summary, indent=2))  # kept for later reading
+    return summary
+
+
+def reused_summary(method: str, args) -> dict:
+    """An earlier run's summary, checked against this comparison's budget and seed so a stale file is not mixed in."""
+    path = Path(args.run_dir) / f"{method}.summary.json"
+    if not path.exists():
+        raise SystemExit(f"--reuse {method}: {path} does not exist; run {method} (drop it from --reuse)")
+    summary = json.loads(path.read_text())
+    run_config = json.loads((Path(args.run_dir) / method / "config.json").read_text())
+    for key, wanted in (("total_tokens", args.token_budget), ("seed", args.seed)):
+        if run_config.get(key) != wanted:
+            raise SystemExit(f"--reuse {method}: its run had {key}={run_config.get(key)}, this comparison {wanted}")
+    print(f"{method}: reusing {path}", file=sys.stderr, flush=True)
     return summary
 
 
@@ -115,6 +131,9 @@ def main() -> None:
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window over steps (training reward)")
     parser.add_argument("--run-dir", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--override", action="append", default=[], help="config override key=value for every method")
+    parser.add_argument("--reuse", default="", help="comma list of methods whose RUN_DIR/<method>.summary.json from an "
+                        "earlier run of the same preset, seed and budget is read instead of run again (e.g. after a "
+                        "preset change that only one method reads)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if "grpo" not in methods:
@@ -126,10 +145,13 @@ def main() -> None:
     if load_cfg(args.config, args.override).eval.holdout == 0:
         raise SystemExit("the comparison needs held-out problems: give --holdout N or set eval.holdout in the preset")
 
+    reused = [m for m in args.reuse.split(",") if m]
+    if reused and args.run_dir is None:
+        raise SystemExit("--reuse needs --run-dir: the earlier runs' summaries are read from there")
     with tempfile.TemporaryDirectory(prefix="bench-algo-") as tmp:
         args.run_dir = args.run_dir or f"{tmp}/runs"
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-        summaries = {m: run_method(m, args, Path(tmp)) for m in methods}
+        summaries = {m: reused_summary(m, args) if m in reused else run_method(m, args, Path(tmp)) for m in methods}
 
     target, curves, table = compare_summaries(summaries, args.smooth, lambda s, c: {
         "records_per_step": s["records_per_step"], "samples_trained": s.get("samples_trained"),
@@ -140,7 +162,7 @@ def main() -> None:
     })
     result = {
         "setup": {"config": args.config, "methods": methods, "token_budget": args.token_budget, "seed": args.seed,
-                  "smooth": args.smooth, "overrides": args.override},
+                  "smooth": args.smooth, "overrides": args.override, "reused": reused},
         "machine": machine(),
         "grpo_final_accuracy": target,
         "table": table,
