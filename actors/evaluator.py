@@ -19,6 +19,7 @@ from resetrl.actors.engines.lora import engine_lora
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
 from resetrl.evaluation import pass_at_k_curve
+from resetrl.hub import local_snapshot
 from resetrl.queue import connect
 from resetrl.record import PromptRecord
 from resetrl.run_state import RunKeys
@@ -45,6 +46,7 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str,
                  prompts: list[PromptRecord]):
         torch.set_num_threads(1)
+        model_path = str(local_snapshot(model_path))  # the driver's hub snapshot, found again on this node
         if not prompts:
             raise ValueError("the evaluator needs held-out problems: set eval.holdout > 0")
         self.cfg = cfg

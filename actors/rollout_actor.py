@@ -30,6 +30,7 @@ from resetrl.actors.engines.lora import engine_lora
 from resetrl.actors.trajectories import RolloutContext
 from resetrl.config import RunConfig
 from resetrl.data import render_prompt
+from resetrl.hub import local_snapshot
 from resetrl.queue import Mark, StreamEntry, StreamQueue, connect
 from resetrl.record import WireFormatError, decode_prompt, encode_experience
 from resetrl.run_state import (
@@ -88,6 +89,7 @@ class RolloutActor:
     def __init__(self, cfg: RunConfig, worker_index: int, model_path: str, redis_url: str, weights_root: str):
         # (vLLM pins the process to one torch thread itself; OMP_NUM_THREADS from Ray's CPU share wins there.)
         torch.set_num_threads(rollout_threads(cfg.rollout.torch_threads, cfg.rollout.cpus_per_worker))
+        model_path = str(local_snapshot(model_path))  # the driver's hub snapshot, found again on this node
         self.cfg = cfg
         self.worker_index = worker_index
         self.consumer = f"rollout-{worker_index}"

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from resetrl.algorithms.losses import aggregation_count
 from resetrl.algorithms.objective import LossSettings, Shares, micro_batch_loss
 from resetrl.config import RunConfig
+from resetrl.hub import local_snapshot
 from resetrl.learner.batching import trained_tokens
 from resetrl.learner.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from resetrl.learner.distributed import broadcast_payloads, init_distributed
@@ -75,6 +76,7 @@ def _restarted_by_ray() -> bool:
 class Learner:
     def __init__(self, cfg: RunConfig, model_path: str, redis_url: str, weights_root: str | None = None,
                  resume: bool = False, rank: int = 0, master_addr: str | None = None, master_port: int | None = None):
+        model_path = str(local_snapshot(model_path))  # the driver's hub snapshot, found again on this node
         self.cfg = cfg
         self.keys = RunKeys(cfg.run_name)
         self.client = connect(redis_url)  # used by rank 0 only (it connects lazily: other ranks never do)

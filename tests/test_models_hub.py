@@ -117,3 +117,19 @@ def test_the_driver_leaves_hf_hub_offline_to_the_user():
     from resetrl.launch.services import _WORKER_ENV_DEFAULTS
 
     assert "HF_HUB_OFFLINE" not in _WORKER_ENV_DEFAULTS and "TRANSFORMERS_OFFLINE" not in _WORKER_ENV_DEFAULTS
+
+
+def test_a_role_handed_another_nodes_snapshot_path_loads_this_nodes_copy(hf_home, redis_server, tmp_path):
+    # On a multi-node cluster the driver hands every role the snapshot folder it resolved on its own node; a rollout
+    # worker (the learner and the evaluator do the same, first thing) on a node without that folder finds the same
+    # id and commit in its own HF cache. It was: the worker's engine failed to load a folder missing on its node.
+    from resetrl.actors.rollout_actor import RolloutActor
+    from resetrl.config import config_from_dict
+
+    elsewhere = f"/home/someone-else/.cache/huggingface/hub/models--acme--tiny-llama/snapshots/{V1}"
+    cfg = config_from_dict({"run_name": "hub-roles", "rollout": {"engine": "hf", "max_new_tokens": 4}})
+    actor = RolloutActor(cfg, 0, elsewhere, redis_server.url, str(tmp_path / "weights"))
+    try:
+        assert actor.tokenizer.name_or_path == str(hf_home / "hub" / "models--acme--tiny-llama" / "snapshots" / V1)
+    finally:
+        actor.close()
