@@ -17,6 +17,7 @@ A SmolLM2 step takes about a minute on 2 CPU cores: run it alone, in the backgro
 
     python bench/lora.py                                   # 30 steps per arm, ~1 h on 2 cores
     python bench/lora.py --steps 2 --last 1 --override eval.holdout=4    # smoke
+    python bench/lora.py --steps 10 --last 3 --repeats 3 --merge-for-sync  # LoRA shipped merged (bench/results/lora-merged)
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def measure(summary: dict, last: int, process_seconds: float) -> dict:
         "eval_accuracy_last": summary.get("eval_accuracy_last"),
         "steps": summary["steps"],
         "wall_seconds": process_seconds,
+        # Where the wall time goes: the rollout engines' generate calls (summed over workers), the train loop (first
+        # step to last), and what is outside the loop (start-up: Ray, engines, the first evaluation; end: last
+        # evaluation, final weights, plots).
+        "generate_seconds": counters.get("generate_seconds"),
+        "generate_seconds_per_sample": counters["generate_seconds"] / max(counters.get("samples_generated", 0), 1)
+        if counters.get("generate_seconds") is not None else None,
+        "train_loop_seconds": summary.get("train_loop_seconds"),
+        "outside_loop_seconds": process_seconds - summary["train_loop_seconds"]
+        if summary.get("train_loop_seconds") is not None else None,
         "reward_curve": rewards,
     }
 
@@ -84,7 +94,8 @@ def summarise(pairs: list[tuple[dict, dict]]) -> dict:
         for arm, index in (("full", 0), ("lora", 1)):
             values = [pair[index][key] for pair in pairs]
             out[arm][key] = stats(values) if all(v is not None for v in values) else None
-    for key in ("learner_tokens_per_s", "sync_bytes", "sync_seconds", "load_seconds", "wall_seconds"):
+    for key in ("learner_tokens_per_s", "sync_bytes", "sync_seconds", "load_seconds", "wall_seconds",
+                "generate_seconds_per_sample", "train_loop_seconds", "outside_loop_seconds"):
         if all(full[key] and lora[key] for full, lora in pairs):
             out["ratio_lora_to_full"][key] = stats([lora[key] / full[key] for full, lora in pairs])
     return out
@@ -121,6 +132,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--target-modules", default="all-linear", help="'all-linear' or a comma-separated list")
     parser.add_argument("--lora-lr", type=float, default=None, help="default: 10x the preset's learner.lr")
+    parser.add_argument("--merge-for-sync", action="store_true", help="the LoRA arm ships merged weights "
+                        "(learner.lora.merge_for_sync): engines generate without adapter kernels, at a full sync's cost")
     parser.add_argument("--channel", default="ray_object_store", choices=["ray_object_store", "shared_folder"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -136,7 +149,7 @@ def main() -> None:
     targets = "all-linear" if args.target_modules == "all-linear" else \
         "[" + ", ".join(t.strip() for t in args.target_modules.split(",")) + "]"
     lora = [f"learner.lora={{rank: {args.rank}, alpha: {args.alpha}, dropout: {args.dropout}, "
-            f"target_modules: {targets}}}", f"learner.lr={lora_lr:.6g}"]
+            f"target_modules: {targets}, merge_for_sync: {str(args.merge_for_sync).lower()}}}", f"learner.lr={lora_lr:.6g}"]
     load_cfg(args.config, [*args.override, *lora])  # a bad setting stops here, before any run
 
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
@@ -150,13 +163,14 @@ def main() -> None:
     result = {
         "config": args.config, "steps": args.steps, "repeats": args.repeats, "channel": args.channel,
         "lora_settings": {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": targets,
-                          "lr": lora_lr},
+                          "lr": lora_lr, "merge_for_sync": args.merge_for_sync},
         "full_lr": cfg.learner.lr, "machine": machine(),
         **summarise(pairs),
         "reward_curves": {"full": [full["reward_curve"] for full, _ in pairs],
                           "lora": [lora["reward_curve"] for _, lora in pairs]},
     }
     name = args.name or ("lora" if Path(args.config).name == "smollm2-arith.yaml" else f"lora-{Path(args.config).stem}")
+    name += "-merged" if args.merge_for_sync and not args.name else ""
     write_results(name, result, figure(pairs))
 
 
