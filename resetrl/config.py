@@ -374,7 +374,8 @@ class QueueConfig(_Section):
     durable: bool = Field(
         True, description="embedded redis: an append-only file in the run dir, so the driver can restart a "
         "redis-server that died and the run goes on (docs/design.md); false: a dead redis-server stops the run. "
-        "Measured cost (bench/queue_durability.py): +0.3 ms per step with appendfsync everysec, +16 ms with always"
+        "Measured cost (bench/queue_durability.py, docs/benchmarks.md section 9): +0.1 ms per step's queue work with "
+        "appendfsync everysec, +1.4 ms with always"
     )
     appendfsync: Literal["always", "everysec"] = Field(
         "always", description="embedded redis with durable: when the AOF is fsynced. always: before each reply, so a "
