@@ -411,7 +411,8 @@ class MonitorConfig(_Section):
         "metrics from Ray's service-discovery file; the driver prints its address"
     )
     prometheus_port: int = Field(9090, ge=1, le=65535, description="its port on 127.0.0.1 (a free one if taken)")
-    plots: bool = Field(True, description="write PNGs of the run's curves to RUN_DIR/plots when it ends (a run stopped early included)")
+    plots: bool = Field(True, description="write PNGs of the run's curves to RUN_DIR/plots when it ends (a run "
+                        "stopped early included)")
 
 
 class WandbConfig(_Section):

@@ -42,7 +42,7 @@ class _AllRanks:
 
 
 def learner_restarts(cfg: RunConfig) -> int:
-    """How many times Ray may restart a dead single-rank learner. None without checkpoints: the new process would
+    """How many times Ray may restart a dead single-rank learner: 0 without checkpoints, where the new process would
     begin again from the initial model while the ledger holds the earlier steps as trained."""
     return cfg.learner.max_restarts if cfg.learner.checkpoint_every else 0
 
