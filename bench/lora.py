@@ -149,7 +149,8 @@ def main() -> None:
     targets = "all-linear" if args.target_modules == "all-linear" else \
         "[" + ", ".join(t.strip() for t in args.target_modules.split(",")) + "]"
     lora = [f"learner.lora={{rank: {args.rank}, alpha: {args.alpha}, dropout: {args.dropout}, "
-            f"target_modules: {targets}, merge_for_sync: {str(args.merge_for_sync).lower()}}}", f"learner.lr={lora_lr:.6g}"]
+            f"target_modules: {targets}, merge_for_sync: {str(args.merge_for_sync).lower()}}}",
+            f"learner.lr={lora_lr:.6g}"]
     load_cfg(args.config, [*args.override, *lora])  # a bad setting stops here, before any run
 
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
